@@ -45,7 +45,7 @@ def smollm_gguf() -> tuple[Path, str]:
 
 
 def build_tiny_model(
-    out: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 512, tools: bool = False
+    out: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 1024, tools: bool = False
 ) -> Path:
     """Save a random-weight Llama with SmolLM2's tokenizer as a safetensors directory."""
     import torch

@@ -62,7 +62,8 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: 
 
 
 def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # No network here: hub lookups must fail fast instead of waiting on timeouts.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     log = log_path.open("wb")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
 

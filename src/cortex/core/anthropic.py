@@ -1,0 +1,240 @@
+"""Anthropic Messages request types (https://docs.anthropic.com/en/api/messages).
+
+Lenient like the real API is to its own clients: unknown fields (`cache_control`, `thinking`
+options, `context_management`, `output_config`, beta features...) are accepted and ignored.
+Content blocks are validated by their `type`; a block type we cannot represent for a local model
+fails with a 400 that names it. Responses are built as plain dicts in `translate_anthropic`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cortex.core.errors import bad_request
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextBlock(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class Base64Source(_Lenient):
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+
+class UrlSource(_Lenient):
+    type: Literal["url"]
+    url: str
+
+
+ImageSource = Annotated[Base64Source | UrlSource, Field(discriminator="type")]
+
+
+class ImageBlock(_Lenient):
+    type: Literal["image"]
+    source: ImageSource
+
+    def data_url(self) -> str:
+        """The image as an OpenAI `image_url.url`: the URL itself, or a data URL for base64."""
+        if isinstance(self.source, UrlSource):
+            return self.source.url
+        return f"data:{self.source.media_type};base64,{self.source.data}"
+
+
+class PlainTextSource(_Lenient):
+    type: Literal["text"]
+    media_type: str = "text/plain"
+    data: str
+
+
+class DocumentBlock(_Lenient):
+    """Only plain-text documents: a local text model cannot read a PDF, so those are refused."""
+
+    type: Literal["document"]
+    source: PlainTextSource | dict[str, Any]
+    title: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _text_only(cls, source: PlainTextSource | dict[str, Any]) -> PlainTextSource | dict[str, Any]:
+        if isinstance(source, dict):
+            kind = source.get("type")
+            raise ValueError(f"only plain-text documents (source type 'text') can be read here, not {kind!r}")
+        return source
+
+
+class ToolUseBlock(_Lenient):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+ToolResultContentBlock = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
+
+
+class ToolResultBlock(_Lenient):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[ToolResultContentBlock] | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(_Lenient):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Lenient):
+    """Encrypted reasoning from Anthropic's own models: opaque to us, so it is skipped."""
+
+    type: Literal["redacted_thinking"]
+    data: str = ""
+
+
+ContentBlock = Annotated[
+    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class InputMessage(_Lenient):
+    # "system" is not in Anthropic's spec, but Claude Code sends system-role messages mid-conversation.
+    role: Literal["user", "assistant", "system"]
+    content: str | list[ContentBlock]
+
+
+class ToolDefinition(_Lenient):
+    """A custom tool has `input_schema`; Anthropic's versioned server/client tools (`web_search_…`,
+    `bash_…`) have a `type` and no schema a local model could be given, so they are skipped."""
+
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+
+    def is_custom(self) -> bool:
+        return self.input_schema is not None and self.type in (None, "custom")
+
+
+class ToolChoice(_Lenient):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_needs_name(self) -> ToolChoice:
+        if self.type == "tool" and not self.name:
+            raise ValueError("tool_choice of type 'tool' needs a 'name'")
+        return self
+
+
+class ThinkingConfig(_Lenient):
+    type: str  # "enabled" | "adaptive" | "disabled"; future values are accepted
+    budget_tokens: int | None = None
+
+    def wants_thinking(self) -> bool:
+        return self.type in ("enabled", "adaptive")
+
+
+class Metadata(_Lenient):
+    user_id: str | None = None
+
+
+class CountTokensRequest(_Lenient):
+    """The body of `/v1/messages/count_tokens`: a Messages request without sampling fields."""
+
+    model: str = Field(min_length=1)
+    messages: list[InputMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+
+    def wants_thinking(self) -> bool:
+        return self.thinking is not None and self.thinking.wants_thinking()
+
+
+class MessagesRequest(CountTokensRequest):
+    # Required, as Anthropic requires it; large values pass (the neuron clips to the context left).
+    max_tokens: int = Field(ge=1)
+    stream: bool = False
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    metadata: Metadata | None = None
+
+
+# Union branch labels pydantic puts in error locations: `str`, `list[...]`, `function-after[...]`, `TextBlock`.
+_BRANCH_LABEL = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*)$|\[")
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def _clean_location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc if not (isinstance(part, str) and _BRANCH_LABEL.search(part)))
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    """The most specific problem, phrased like Anthropic does (`messages.0.content.1.id: Field required`).
+
+    For a union (`content: str | list[block]`) pydantic reports every branch; the deepest error is
+    the one about what the client actually sent.
+    """
+    errors = exc.errors(include_url=False)
+    deepest = max(errors, key=lambda e: len(e["loc"]))
+    path = _clean_location(deepest["loc"])
+    message = "Field required" if deepest["type"] == "missing" else deepest["msg"]
+    return (f"{path}: {message}" if path else message), (path or None)
+
+
+def parse_request(model: type[R], body: Any) -> R:
+    """Validate a decoded JSON body; any problem becomes a 400 `invalid_request_error`."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message, param = validation_message(exc)
+        raise bad_request(message, param=param) from exc
+
+
+def parse_messages_request(body: Any) -> MessagesRequest:
+    return parse_request(MessagesRequest, body)
+
+
+def parse_count_tokens_request(body: Any) -> CountTokensRequest:
+    return parse_request(CountTokensRequest, body)
+
+
+__all__ = [
+    "ContentBlock",
+    "CountTokensRequest",
+    "DocumentBlock",
+    "ImageBlock",
+    "InputMessage",
+    "MessagesRequest",
+    "RedactedThinkingBlock",
+    "TextBlock",
+    "ThinkingBlock",
+    "ThinkingConfig",
+    "ToolChoice",
+    "ToolDefinition",
+    "ToolResultBlock",
+    "ToolUseBlock",
+    "parse_count_tokens_request",
+    "parse_messages_request",
+    "parse_request",
+    "validation_message",
+]

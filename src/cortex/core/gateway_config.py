@@ -1,0 +1,163 @@
+"""`cortex.toml`: where the gateway listens, which neurons it fronts, how it polls, loads and evicts.
+
+```toml
+models_config = "models.toml"      # relative to this file
+[gateway]
+listen = "0.0.0.0:31313"
+metrics_listen = "0.0.0.0:31314"
+[eviction]
+strategy = "lru"                   # lru | priority
+defrag_after_cycles = 50
+min_residency_s = 60
+[[neurons]]
+name = "beast"
+endpoint = "http://beast.internal:13131"
+```
+
+Every key can be overridden from the environment with the `CORTEX_` prefix, `__` descending into
+tables (`CORTEX_GATEWAY__LISTEN=127.0.0.1:8080`, `CORTEX_NEURONS='[{"name": "a", "endpoint": "…"}]'`).
+Every problem is reported naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cortex.core.catalogue import Catalogue, check_catalogue, load_catalogue
+from cortex.core.settings import ConfigError, load_settings
+
+DEFAULT_PORT = 31313
+DEFAULT_METRICS_PORT = 31314
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 hosts in brackets) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}' is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class GatewaySection(_Strict):
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    metrics_listen: str | None = f"0.0.0.0:{DEFAULT_METRICS_PORT}"  # None: no metrics listener
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    admin_key: str | None = None  # when set, /admin/* needs `Authorization: Bearer <admin_key>`
+    api_keys: list[str] = Field(default_factory=list)  # when set, client routes need one of these
+    keepalive_interval_s: float = Field(default=5.0, gt=0)  # SSE comments to streams waiting on a cold load
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    retry_after_s: float = Field(default=10.0, gt=0)  # Retry-After for recovering models and a full fleet
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+
+class PollSection(_Strict):
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+    unhealthy_after: int = Field(default=3, ge=1)  # consecutive failed polls before a node is unhealthy
+
+
+class EvictionSection(_Strict):
+    strategy: Literal["lru", "priority"] = "lru"
+    # After this many load/unload cycles on a neuron, ask it to defragment device memory; 0 = never.
+    defrag_after_cycles: int = Field(default=50, ge=0)
+    # A model loaded less than this long ago is never evicted: two models fighting over one GPU must not thrash.
+    min_residency_s: float = Field(default=60.0, ge=0)
+
+
+class LoadSection(_Strict):
+    timeout_s: float = Field(default=900.0, gt=0)  # a cold load can take minutes: never cut it short by default
+    poll_interval_s: float = Field(default=0.25, gt=0)  # how often a running load's progress is read
+
+
+class NeuronEntry(_Strict):
+    name: str
+    endpoint: str
+    token: str | None = None  # the neuron's lifecycle token, sent as a bearer token
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NODE_NAME.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"'{v}' is not an http(s):// URL")
+        return v.rstrip("/")
+
+
+class GatewayConfig(_Strict):
+    models_config: Path | None = None  # None: no catalogue, only models the neurons already serve
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    poll: PollSection = Field(default_factory=PollSection)
+    eviction: EvictionSection = Field(default_factory=EvictionSection)
+    load: LoadSection = Field(default_factory=LoadSection)
+    neurons: list[NeuronEntry] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Everything the gateway is configured with: cortex.toml plus the catalogue it names."""
+
+    gateway: GatewayConfig
+    catalogue: Catalogue
+    source: str  # the config file, for messages
+
+
+def check_neurons(config: GatewayConfig, source: str) -> None:
+    problems: list[str] = []
+    names: set[str] = set()
+    endpoints: set[str] = set()
+    for index, neuron in enumerate(config.neurons):
+        if neuron.name in names:
+            problems.append(f"{source}: key 'neurons.{index}.name': duplicate neuron name '{neuron.name}'")
+        if neuron.endpoint in endpoints:
+            problems.append(f"{source}: key 'neurons.{index}.endpoint': '{neuron.endpoint}' is listed twice")
+        names.add(neuron.name)
+        endpoints.add(neuron.endpoint)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def load_fleet_config(path: Path | None, environ: Mapping[str, str] | None = None) -> FleetConfig:
+    """Read and validate cortex.toml (with CORTEX_* overrides) and the models.toml it names."""
+    config = load_settings(GatewayConfig, path, "CORTEX_", environ)
+    source = str(path) if path is not None else "(defaults)"
+    check_neurons(config, source)
+    names = {n.name for n in config.neurons}
+    if config.models_config is None:
+        return FleetConfig(config, Catalogue(), source)
+    models_path = config.models_config
+    if not models_path.is_absolute() and path is not None:
+        models_path = path.parent / models_path
+    if not models_path.is_file():
+        raise ConfigError(f"{source}: key 'models_config': {models_path} is not a file")
+    return FleetConfig(config, load_catalogue(models_path, names), source)
+
+
+def fleet_config_from(config: GatewayConfig, catalogue: Catalogue) -> FleetConfig:
+    """A FleetConfig built in code (e.g. by `cortex up`), checked like one read from files."""
+    check_neurons(config, "(built-in)")
+    check_catalogue(catalogue, "(built-in catalogue)", {n.name for n in config.neurons})
+    return FleetConfig(config, catalogue, "(built-in)")

@@ -1,0 +1,247 @@
+"""Fleet state: what each neuron reported at its last poll, plus what this gateway just did.
+
+Neurons are the source of truth. This is a cache rebuilt from polling `/discovery`, `/health` and
+`/models`; the only facts it adds are the gateway's own (requests it has in flight on a replica,
+when it last used one, when it first saw one loaded, VRAM it reserved for loads it started, pins
+set at run time). Nothing here survives a restart, and nothing needs to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cortex.core.gateway_config import NeuronEntry
+
+# Statuses a neuron reports for a model (ARCHITECTURE.md §2).
+LOADED = "loaded"
+LOADING = "loading"
+UNLOADING = "unloading"
+POISONED = "poisoned"
+RECOVERING = "recovering"
+FAILED = "failed"
+# A poisoned model is being recovered by its neuron: both mean "come back shortly".
+RECOVERY_STATUSES = frozenset({POISONED, RECOVERING})
+
+
+@dataclass
+class Device:
+    index: int
+    name: str = ""
+    kind: str = "cuda"
+    vram_total_mb: int = 0
+    vram_used_mb: int = 0
+    vram_free_mb: int = 0
+    utilization_pct: float | None = None
+    temp_c: float | None = None
+
+
+@dataclass
+class Replica:
+    """One model on one node, as polled, plus the gateway's own bookkeeping about it."""
+
+    model_id: str
+    node: str
+    status: str
+    devices: list[int] = field(default_factory=list)
+    vram_used_mb: int = 0
+    context: int | None = None
+    harness: str | None = None
+    tool_call: Any = None
+    load_progress: float | None = None
+    error: str | None = None
+    # From the neuron's /health: its own view, which includes other gateways' requests.
+    polled_in_flight: int = 0
+    polled_queue_depth: int = 0
+    # The gateway's own facts.
+    in_flight: int = 0  # requests this gateway has open on this replica right now
+    last_used: float = 0.0  # monotonic; 0 = not used since this gateway started
+    resident_since: float | None = None  # monotonic time it was first seen loaded
+    evicting: bool = False  # chosen as an eviction victim: route nothing new to it
+
+    @property
+    def routable(self) -> bool:
+        return self.status == LOADED and not self.evicting
+
+    def busy(self) -> int:
+        """Requests ahead of a new one: ours are exact, the neuron's include other gateways'."""
+        return max(self.in_flight, self.polled_in_flight) + self.polled_queue_depth
+
+    def has_requests(self) -> bool:
+        return self.in_flight > 0 or self.polled_in_flight > 0 or self.polled_queue_depth > 0
+
+
+@dataclass
+class Reservation:
+    """VRAM promised to a load this gateway started, until a poll shows the model's real usage."""
+
+    devices: list[int]
+    mb_per_device: float
+
+
+@dataclass
+class Node:
+    name: str
+    endpoint: str
+    token: str | None = None
+    healthy: bool = False
+    failures: int = 0  # consecutive failed polls
+    last_error: str | None = None
+    last_ok: float | None = None  # monotonic time of the last successful poll
+    discovered: bool = False
+    hostname: str | None = None
+    devices: dict[int, Device] = field(default_factory=dict)
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    cycles_since_defrag: int = 0  # unloads this gateway made here since the last defragment
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def reserved_mb(self, device: int) -> float:
+        return sum(r.mb_per_device for r in self.reservations.values() if device in r.devices)
+
+    def free_mb(self, device: int) -> float:
+        """Free memory on a device as last polled, less what loads in progress will take."""
+        dev = self.devices.get(device)
+        return 0.0 if dev is None else dev.vram_free_mb - self.reserved_mb(device)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(value) if isinstance(value, int | float) else default
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+class FleetState:
+    def __init__(self, neurons: list[NeuronEntry]) -> None:
+        self.nodes: dict[str, Node] = {n.name: Node(n.name, n.endpoint, n.token) for n in neurons}
+        # Last measured VRAM of each model id, kept after unloads: it beats the catalogue's estimate.
+        self.measured_vram_mb: dict[str, int] = {}
+        self.runtime_pins: set[tuple[str, str]] = set()  # (model_id, node) pinned by an operator
+
+    # ---- queries -------------------------------------------------------------------------
+    def healthy_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.healthy]
+
+    def replicas(self, model_id: str, *, healthy_only: bool = True) -> Iterator[Replica]:
+        for node in self.nodes.values():
+            if healthy_only and not node.healthy:
+                continue
+            replica = node.replicas.get(model_id)
+            if replica is not None:
+                yield replica
+
+    def replica(self, model_id: str, node: str) -> Replica | None:
+        owner = self.nodes.get(node)
+        return None if owner is None else owner.replicas.get(model_id)
+
+    def served_ids(self) -> set[str]:
+        """Every model id some healthy neuron reports, whatever its status."""
+        return {m for node in self.healthy_nodes() for m in node.replicas}
+
+    # ---- updates from polling ------------------------------------------------------------
+    def apply_discovery(self, node: Node, discovery: dict[str, Any]) -> None:
+        node.hostname = discovery.get("hostname")
+        seen: set[int] = set()
+        for raw in discovery.get("devices") or []:
+            index = _int(raw.get("index"), -1)
+            if index < 0:
+                continue
+            seen.add(index)
+            dev = node.devices.setdefault(index, Device(index))
+            dev.name = str(raw.get("name") or "")
+            dev.kind = str(raw.get("kind") or "cuda")
+            dev.vram_total_mb = _int(raw.get("vram_total_mb"))
+            if not dev.vram_free_mb and not dev.vram_used_mb:
+                dev.vram_free_mb = dev.vram_total_mb  # until /health says otherwise
+        for index in set(node.devices) - seen:
+            del node.devices[index]
+        node.discovered = True
+
+    def apply_health(self, node: Node, health: dict[str, Any]) -> None:
+        for raw in health.get("devices") or []:
+            dev = node.devices.get(_int(raw.get("index"), -1))
+            if dev is None:
+                continue
+            dev.vram_used_mb = _int(raw.get("vram_used_mb"), dev.vram_used_mb)
+            dev.vram_free_mb = _int(raw.get("vram_free_mb"), dev.vram_free_mb)
+            if isinstance(raw.get("vram_total_mb"), int | float):
+                dev.vram_total_mb = int(raw["vram_total_mb"])
+            dev.utilization_pct = _float(raw.get("utilization_pct"))
+            dev.temp_c = _float(raw.get("temp_c"))
+        for raw in health.get("models") or []:
+            replica = node.replicas.get(str(raw.get("id")))
+            if replica is not None:
+                replica.polled_in_flight = _int(raw.get("in_flight"))
+                replica.polled_queue_depth = _int(raw.get("queue_depth"))
+
+    def apply_models(self, node: Node, models: list[dict[str, Any]], now: float | None = None) -> None:
+        """Replace the node's model list; keep the gateway's own facts about models still there."""
+        now = time.monotonic() if now is None else now
+        fresh: dict[str, Replica] = {}
+        for raw in models:
+            model_id = raw.get("id")
+            if not isinstance(model_id, str):
+                continue
+            replica = node.replicas.get(model_id) or Replica(model_id, node.name, "")
+            self._update_replica(replica, raw, now)
+            fresh[model_id] = replica
+        node.replicas = fresh
+
+    def _update_replica(self, replica: Replica, raw: dict[str, Any], now: float) -> None:
+        replica.status = str(raw.get("status") or "")
+        replica.devices = [d for d in raw.get("devices") or [] if isinstance(d, int)]
+        replica.vram_used_mb = _int(raw.get("vram_used_mb"))
+        limit = raw.get("limit")
+        context = _int(limit.get("context")) if isinstance(limit, dict) else 0
+        replica.context = context or None
+        replica.harness = raw.get("harness")
+        replica.tool_call = raw.get("tool_call")
+        replica.load_progress = _float(raw.get("load_progress"))
+        replica.error = raw.get("error")
+        if replica.status == LOADED:
+            if replica.resident_since is None:
+                replica.resident_since = now
+            if replica.vram_used_mb > 0:
+                self.measured_vram_mb[replica.model_id] = replica.vram_used_mb
+        elif replica.status != UNLOADING:
+            replica.resident_since = None
+        if replica.status != LOADED:
+            replica.evicting = False
+
+    def mark_ok(self, node: Node, now: float | None = None) -> bool:
+        """Record a successful poll; True when the node just became healthy."""
+        was = node.healthy
+        node.healthy = True
+        node.failures = 0
+        node.last_error = None
+        node.last_ok = time.monotonic() if now is None else now
+        return not was
+
+    def mark_failed(self, node: Node, error: str, unhealthy_after: int) -> bool:
+        """Record a failed poll; True when the node just became unhealthy."""
+        node.failures += 1
+        node.last_error = error
+        if node.healthy and node.failures >= unhealthy_after:
+            node.healthy = False
+            return True
+        return False
+
+    def mark_unreachable(self, node: Node, error: str) -> bool:
+        """A request could not connect: stop routing there at once; polling brings it back."""
+        was = node.healthy
+        node.healthy = False
+        node.failures = max(node.failures, 1)
+        node.last_error = error
+        # Rediscover on return: a restarted neuron may report other hardware.
+        node.discovered = False
+        return was
+
+    # ---- pins ----------------------------------------------------------------------------
+    def is_pinned(self, model_id: str, node: str, pinned_on: list[str]) -> bool:
+        return node in pinned_on or (model_id, node) in self.runtime_pins

@@ -1,0 +1,246 @@
+"""The neuron's HTTP API (ARCHITECTURE.md §2): info, lifecycle, and OpenAI inference routes."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from cortex.core.errors import ApiError, bad_request
+from cortex.core.logs import log_event, request_id_var
+from cortex.core.openai import ChatCompletionRequest, CompletionRequest
+from cortex.neuron.config import ModelConfig, NeuronConfig
+from cortex.neuron.engine import Engine
+from cortex.neuron.hardware import Hardware
+from cortex.neuron.inference import Inference
+from cortex.neuron.lifecycle import Lifecycle
+from cortex.neuron.versions import version_info
+
+log = logging.getLogger("cortex.neuron.app")
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATE = web.AppKey("state", "NeuronState")
+
+
+class NeuronState:
+    def __init__(self, config: NeuronConfig, hardware: Hardware, engine: Engine) -> None:
+        self.config = config
+        self.hardware = hardware
+        self.lifecycle = Lifecycle(config, hardware, engine)
+        self.inference = Inference(self.lifecycle)
+        self.started = time.monotonic()
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return json_response(exc.openai_body(), exc.status, exc.headers())
+
+
+def _param_of(exc: ValidationError) -> tuple[str | None, str]:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return (loc or None), f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("Request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        param, message = _param_of(exc)
+        raise bad_request(f"Invalid request: {message}", param=param) from None
+
+
+@web.middleware
+async def errors_and_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id_var.set(request_id)
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        if exc.status >= 500:
+            log_event(log, "request.error", logging.WARNING, status=exc.status, code=exc.code, message=exc.message)
+        response = error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = error_response(ApiError(413, f"Request body too large: {exc.text}", code="request_too_large"))
+    except web.HTTPException as exc:
+        response = error_response(ApiError(exc.status, exc.reason or "error"))
+    except Exception:
+        log.exception("unhandled error")
+        response = error_response(ApiError(500, "Internal error in the neuron; see its log", type="server_error"))
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
+def require_token(request: web.Request) -> None:
+    token = request.app[STATE].config.token
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "Lifecycle calls need 'Authorization: Bearer <token>'", type="authentication_error")
+
+
+# --- info ------------------------------------------------------------------------------------
+
+
+async def get_version(request: web.Request) -> web.Response:
+    return json_response(version_info())
+
+
+async def get_discovery(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].hardware.discovery())
+
+
+async def get_health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    models = []
+    for slot in state.lifecycle.slots.values():
+        counters = slot.admission.counters
+        models.append(
+            {
+                "id": slot.model_id,
+                "status": slot.status,
+                "in_flight": slot.admission.in_flight,
+                "queue_depth": slot.admission.queue_depth,
+                "max_in_flight": slot.admission.limits.max_in_flight,
+                "max_queue_depth": slot.admission.limits.max_queue_depth,
+                "admitted": counters.admitted,
+                "rejected_queue_full": counters.rejected_queue_full,
+                "rejected_timeout": counters.rejected_timeout,
+                "tok_s_decode": round(slot.loaded.tok_s_decode, 2) if slot.loaded else 0.0,
+                "faults": slot.faults,
+            }
+        )
+    return json_response(
+        {
+            "status": "ok",
+            "uptime_s": round(time.monotonic() - state.started, 3),
+            "devices": state.hardware.device_health(state.lifecycle.cpu_used_mb()),
+            "models": models,
+        }
+    )
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].lifecycle.describe())
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model_id = request.match_info["model_id"]
+    state.lifecycle.ready(model_id)
+    base = f"{request.scheme}://{request.host}"
+    return json_response(
+        {
+            "model_id": model_id,
+            "base_url": f"{base}/v1",
+            "chat_completions": f"{base}/v1/chat/completions",
+            "completions": f"{base}/v1/completions",
+        }
+    )
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+async def post_load(request: web.Request) -> web.Response:
+    require_token(request)
+    model = await parse_body(request, ModelConfig)
+    slot = request.app[STATE].lifecycle.request_load(model)
+    return json_response(slot.describe(), 200 if slot.status == "loaded" else 202)
+
+
+class UnloadBody(BaseModel):
+    model_id: str
+
+
+async def post_unload(request: web.Request) -> web.Response:
+    require_token(request)
+    body = await parse_body(request, UnloadBody)
+    return json_response(await request.app[STATE].lifecycle.unload(body.model_id))
+
+
+async def post_defragment(request: web.Request) -> web.Response:
+    require_token(request)
+    return json_response({"devices": await request.app[STATE].lifecycle.defragment()})
+
+
+class FaultBody(BaseModel):
+    model_id: str
+    count: int = 1
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    """Test hook: the model's next forwards raise a simulated device fault."""
+    state = request.app[STATE]
+    if not state.config.fault_injection:
+        raise ApiError(404, "Fault injection is disabled (fault_injection = false)", type="not_found_error")
+    body = await parse_body(request, FaultBody)
+    _, model = state.lifecycle.ready(body.model_id)
+    model.inject_fault(body.count)
+    return json_response({"model_id": body.model_id, "faults_armed": body.count})
+
+
+# --- inference -------------------------------------------------------------------------------
+
+
+async def post_chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req = await parse_body(request, ChatCompletionRequest)
+    return await state.inference.run(await state.inference.chat_job(req), request)
+
+
+async def post_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req = await parse_body(request, CompletionRequest)
+    return await state.inference.run(await state.inference.text_job(req), request)
+
+
+async def post_tokenize(request: web.Request) -> web.Response:
+    """Prompt tokens of a chat request, with the model's own tokenizer and template."""
+    state = request.app[STATE]
+    req = await parse_body(request, ChatCompletionRequest)
+    return json_response({"model": req.model, "prompt_tokens": await state.inference.count_chat_tokens(req)})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise ApiError(404, f"No route {request.method} {request.path}", type="not_found_error")
+
+
+def build_app(state: NeuronState) -> web.Application:
+    app = web.Application(middlewares=[errors_and_ids], client_max_size=state.config.max_request_bytes)
+    app[STATE] = state
+    app.router.add_get("/version", get_version)
+    app.router.add_get("/discovery", get_discovery)
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/models", get_models)
+    app.router.add_post("/models/load", post_load)
+    app.router.add_post("/models/unload", post_unload)
+    app.router.add_get("/models/{model_id:.+}/endpoint", get_endpoint)
+    app.router.add_post("/admin/defragment", post_defragment)
+    app.router.add_post("/admin/fault", post_fault)
+    app.router.add_post("/v1/chat/completions", post_chat)
+    app.router.add_post("/v1/completions", post_completions)
+    app.router.add_post("/v1/chat/tokenize", post_tokenize)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app

@@ -1,0 +1,106 @@
+"""`neuron.toml`: listen address, models to load at start, admission limits, devices, safety.
+
+Every key can be overridden from the environment with the `NEURON_` prefix, `__` descending into
+tables: `NEURON_LISTEN=0.0.0.0:13131`, `NEURON_ADMISSION__MAX_IN_FLIGHT=8`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cortex.core.settings import load_settings
+from cortex.neuron.default_model import DEFAULT_MODEL_ID
+
+DEFAULT_PORT = 13131
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdmissionLimits(_Strict):
+    max_in_flight: int = Field(default=4, ge=1)
+    max_queue_depth: int = Field(default=64, ge=0)
+    max_wait_secs: float = Field(default=30.0, gt=0)
+
+
+class AdmissionOverride(_Strict):
+    max_in_flight: int | None = Field(default=None, ge=1)
+    max_queue_depth: int | None = Field(default=None, ge=0)
+    max_wait_secs: float | None = Field(default=None, gt=0)
+
+
+class AdmissionConfig(AdmissionLimits):
+    # Per-model overrides: [admission.models."org/name"] max_in_flight = 2
+    models: dict[str, AdmissionOverride] = Field(default_factory=dict)
+
+    def limits_for(self, model_id: str) -> AdmissionLimits:
+        base = AdmissionLimits(
+            max_in_flight=self.max_in_flight, max_queue_depth=self.max_queue_depth, max_wait_secs=self.max_wait_secs
+        )
+        override = self.models.get(model_id)
+        if override is None:
+            return base
+        return base.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class ModelConfig(_Strict):
+    """A model to load: what `default_models` lists and what `POST /models/load` accepts."""
+
+    model_id: str = Field(min_length=1)
+    source: str | None = None  # hub id, local safetensors dir, or .gguf path; default: model_id
+    harness: Literal["transformers"] = "transformers"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    quant: str | None = None
+    devices: list[int] | None = None
+    context_length: int | None = Field(default=None, ge=16)
+    revision: str | None = None
+
+
+class DevicesConfig(_Strict):
+    # "auto": every CUDA device NVML/torch sees, else the CPU. Or explicit CUDA indices, or "cpu".
+    use: Literal["auto", "cpu"] | list[int] = "auto"
+    # The CPU "device" budget for model memory, as a share of host RAM or an absolute size.
+    cpu_memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    cpu_memory_mb: int | None = Field(default=None, ge=1)
+
+
+class NeuronConfig(_Strict):
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    # None (key absent): load the embedded default model. [] loads nothing.
+    default_models: list[ModelConfig] | None = None
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    cache_dir: Path | None = None  # Hugging Face cache; default: HF_HUB_CACHE / ~/.cache/huggingface
+    # Local sources must resolve under one of these roots (besides installed model packages).
+    model_roots: list[Path] = Field(default_factory=list)
+    allow_pickle: bool = False  # allow .bin/.pt checkpoints (runs pickle: only for trusted files)
+    token: str | None = None  # when set, lifecycle calls need `Authorization: Bearer <token>`
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    fault_injection: bool = False  # enables POST /admin/fault (tests only)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_host_port(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    def models_to_load(self) -> list[ModelConfig]:
+        if self.default_models is None:
+            return [ModelConfig(model_id=DEFAULT_MODEL_ID)]
+        return self.default_models
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}' is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_neuron_config(path: Path | None) -> NeuronConfig:
+    return load_settings(NeuronConfig, path, "NEURON_")

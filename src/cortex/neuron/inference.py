@@ -1,0 +1,351 @@
+"""OpenAI chat and text completions on a loaded model: validate, render, admit, generate, reply.
+
+Rendering and token counting run on the neuron's tokenizer thread; generation runs on the
+device worker behind `LoadedModel.generate`; this module only moves events to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cortex.core.errors import ApiError, bad_request
+from cortex.core.logs import log_event, request_id_var
+from cortex.core.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, usage_dict
+from cortex.neuron.engine import LoadedModel
+from cortex.neuron.engine.types import DeviceFault, EngineError, Finished, GenerationRequest, SamplingParams
+from cortex.neuron.lifecycle import Lifecycle, ModelSlot
+from cortex.neuron.output import Content, OutputEvent, Reasoning, ToolCall, split_output
+
+log = logging.getLogger("cortex.neuron.inference")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Job:
+    """One validated request, ready to generate."""
+
+    kind: str  # "chat" | "text"
+    model_id: str
+    slot: ModelSlot
+    model: LoadedModel
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    parse_tools: bool
+    include_reasoning: bool
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Inference:
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        # HF fast tokenizers are not safe to share across threads mid-encode: one thread renders.
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_tokenizer(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
+        except EngineError as exc:
+            raise bad_request(str(exc), param="messages") from None
+
+    # --- request → job -----------------------------------------------------------------------
+
+    async def chat_job(self, req: ChatCompletionRequest) -> Job:
+        slot, model = self.lifecycle.ready(req.model)
+        _refuse_unsupported(req)
+        tools = (
+            [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        )
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        prompt = await self._on_tokenizer(model.render_chat, messages, tools)
+        return self._job("chat", req, slot, model, prompt, req.requested_max_tokens(), parse_tools=tools is not None)
+
+    async def text_job(self, req: CompletionRequest) -> Job:
+        slot, model = self.lifecycle.ready(req.model)
+        _refuse_unsupported(req)
+        if req.echo or req.suffix:
+            raise bad_request("echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        prompt = await self._text_prompt(model, req.prompt)
+        job = self._job("text", req, slot, model, prompt, req.max_tokens, parse_tools=False)
+        job.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        return job
+
+    async def count_chat_tokens(self, req: ChatCompletionRequest) -> int:
+        _, model = self.lifecycle.ready(req.model)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        return len(await self._on_tokenizer(model.render_chat, messages, tools))
+
+    async def _text_prompt(self, model: LoadedModel, prompt: str | list[str] | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return await self._on_tokenizer(model.encode, prompt)
+        if all(isinstance(p, int) for p in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if len(prompt) == 1:
+            return await self._on_tokenizer(model.encode, prompt[0])
+        raise bad_request("one prompt per request: batched prompts are not supported", param="prompt")
+
+    def _job(
+        self,
+        kind: str,
+        req: SamplingFields,
+        slot: ModelSlot,
+        model: LoadedModel,
+        prompt: list[int],
+        requested: int | None,
+        *,
+        parse_tools: bool,
+    ) -> Job:
+        context = model.info.context_length
+        if len(prompt) >= context:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt has {len(prompt)} "
+                "tokens; shorten the messages",
+                param="messages" if kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        remaining = context - len(prompt)
+        max_new = min(requested or remaining, remaining)  # absurd max_tokens are clipped, not refused
+        include_reasoning = bool(getattr(req, "include_reasoning", False))
+        return Job(
+            kind=kind,
+            model_id=req.model,
+            slot=slot,
+            model=model,
+            prompt_ids=prompt,
+            sampling=sampling_params(req, max_new, model),
+            stream=req.stream,
+            include_usage=req.include_usage(),
+            parse_tools=parse_tools,
+            include_reasoning=include_reasoning,
+        )
+
+    # --- job → reply -------------------------------------------------------------------------
+
+    async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
+        async with job.slot.admission.slot():
+            job.slot.last_used = time.time()
+            if job.stream:
+                return await self._stream(job, request)
+            return await self._complete(job)
+
+    def _events(self, job: Job) -> AsyncIterator[OutputEvent]:
+        gen_request = GenerationRequest(request_id_var.get(), job.prompt_ids, job.sampling)
+        return split_output(job.model, gen_request, parse_tools=job.parse_tools)
+
+    async def _complete(self, job: Job) -> web.Response:
+        content: list[str] = []
+        reasoning: list[str] = []
+        calls: list[dict[str, Any]] = []
+        finished: Finished | None = None
+        async with _fault_guard(self.lifecycle, job):
+            async for event in self._events(job):
+                if isinstance(event, Content):
+                    content.append(event.text)
+                elif isinstance(event, Reasoning):
+                    (content if job.include_reasoning else reasoning).append(event.text)
+                elif isinstance(event, ToolCall):
+                    calls.append(event.call)
+                else:
+                    finished = event
+        assert finished is not None
+        _log_done(job, finished)
+        body = complete_body(job, "".join(content), "".join(reasoning), calls, finished)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _stream(self, job: Job, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        chunks = ChunkWriter(job)
+        events = self._events(job)
+        try:
+            async with _fault_guard(self.lifecycle, job):
+                await response.write(chunks.first())
+                async for event in events:
+                    await response.write(chunks.event(event))
+        except ApiError as exc:  # fault mid-stream: the client gets an error event, then the end
+            await _write_quietly(response, sse(exc.openai_body()) + b"data: [DONE]\n\n")
+            return response
+        except ConnectionResetError:
+            log_event(log, "request.client_gone", model=job.model_id)
+            return response
+        finally:
+            await events.aclose()
+        await _write_quietly(response, b"data: [DONE]\n\n")
+        return response
+
+
+def _refuse_unsupported(req: SamplingFields) -> None:
+    if req.n != 1:
+        raise bad_request("n > 1 is not supported: send one request per completion", param="n")
+    if req.logprobs:
+        raise bad_request("logprobs are not supported by this neuron", param="logprobs")
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        raise bad_request(f"response_format '{fmt.type}' is not supported by this neuron", param="response_format")
+
+
+def sampling_params(req: SamplingFields, max_new_tokens: int, model: LoadedModel) -> SamplingParams:
+    defaults = model.sampling_defaults()
+    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.get("top_p", 1.0),
+        top_k=req.top_k if req.top_k is not None else defaults.get("top_k", 0),
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        stop=tuple(req.stop_list()),
+    )
+
+
+class _fault_guard:
+    """A device fault poisons the model and becomes a 503 for this request; the caller's bugs don't."""
+
+    def __init__(self, lifecycle: Lifecycle, job: Job) -> None:
+        self.lifecycle, self.job = lifecycle, job
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, DeviceFault):
+            self.lifecycle.poison(self.job.slot, str(exc) or "device fault")
+            raise ApiError(
+                503,
+                f"Model '{self.job.model_id}' hit a device fault during generation and is being reloaded",
+                code="model_poisoned",
+                retry_after=10,
+            ) from None
+        if isinstance(exc, EngineError):
+            raise bad_request(str(exc)) from None
+        return False
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(data)
+
+
+def _log_done(job: Job, finished: Finished) -> None:
+    log_event(
+        log,
+        "request.done",
+        model=job.model_id,
+        kind=job.kind,
+        stream=job.stream,
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        finish=finished.reason,
+        ttft_s=round(finished.time_to_first_token_s, 4),
+        decode_tok_s=round(finished.decode_tok_s, 1),
+    )
+
+
+def finish_reason(finished: Finished, has_tool_calls: bool) -> str:
+    if has_tool_calls:
+        return "tool_calls"
+    return "length" if finished.reason == "length" else "stop"
+
+
+def timings(finished: Finished) -> dict[str, float]:
+    return {
+        "time_to_first_token_s": round(finished.time_to_first_token_s, 6),
+        "decode_tok_s": round(finished.decode_tok_s, 2),
+    }
+
+
+def complete_body(
+    job: Job, content: str, reasoning: str, calls: list[dict[str, Any]], finished: Finished
+) -> dict[str, Any]:
+    usage = usage_dict(finished.prompt_tokens, finished.completion_tokens)
+    reason = finish_reason(finished, bool(calls))
+    if job.kind == "text":
+        choice: dict[str, Any] = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+        obj = "text_completion"
+    else:
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        obj = "chat.completion"
+    if finished.stop_sequence is not None:
+        choice["stop_sequence"] = finished.stop_sequence
+    return {
+        "id": job.id,
+        "object": obj,
+        "created": job.created,
+        "model": job.model_id,
+        "choices": [choice],
+        "usage": usage,
+        "timings": timings(finished),
+    }
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class ChunkWriter:
+    """Serialises output events as OpenAI stream chunks (chat or text completion)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.tool_calls = 0
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        self._head = {"id": job.id, "object": obj, "created": job.created, "model": job.model_id}
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        if self.job.kind == "text":
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice.update(extra)
+        return sse({**self._head, "choices": [choice]})
+
+    def first(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""}) if self.job.kind == "chat" else b""
+
+    def event(self, event: OutputEvent) -> bytes:
+        if isinstance(event, Content):
+            return self._chunk({"content": event.text})
+        if isinstance(event, Reasoning):
+            key = "content" if self.job.include_reasoning else "reasoning_content"
+            return self._chunk({key: event.text})
+        if isinstance(event, ToolCall):
+            self.tool_calls += 1
+            return self._chunk({"tool_calls": [{"index": self.tool_calls - 1, **event.call}]})
+        return self._last(event)
+
+    def _last(self, finished: Finished) -> bytes:
+        extra = {"stop_sequence": finished.stop_sequence} if finished.stop_sequence is not None else {}
+        out = self._chunk({}, finish_reason(finished, self.tool_calls > 0), **extra)
+        if self.job.include_usage:
+            usage = usage_dict(finished.prompt_tokens, finished.completion_tokens)
+            out += sse({**self._head, "choices": [], "usage": usage, "timings": timings(finished)})
+        _log_done(self.job, finished)
+        return out

@@ -1,0 +1,66 @@
+"""Run a neuron: build the engine and app, start loading the configured models, serve until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from cortex.core.errors import ApiError
+from cortex.core.logs import log_event
+from cortex.neuron.app import NeuronState, build_app
+from cortex.neuron.config import NeuronConfig, parse_listen
+from cortex.neuron.engine import Engine
+from cortex.neuron.hardware import Hardware
+from cortex.neuron.versions import version_info
+
+log = logging.getLogger("cortex.neuron")
+
+
+def start_default_models(state: NeuronState) -> None:
+    for model in state.config.models_to_load():
+        try:
+            state.lifecycle.request_load(model)
+        except ApiError as exc:  # a bad entry must not stop the others or the daemon
+            log_event(log, "model.load.refused", logging.ERROR, model=model.model_id, message=exc.message)
+
+
+async def serve(config: NeuronConfig) -> None:
+    hardware = Hardware(config.devices)
+    engine = Engine([d.torch_name for d in hardware.devices])
+    state = NeuronState(config, hardware, engine)
+    version_info()  # imports torch now, not inside the first /version request
+    host, port = parse_listen(config.listen)
+    # handler_cancellation: a client that goes away cancels its handler, and so its generation.
+    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log_event(
+        log,
+        "neuron.started",
+        listen=f"{host}:{port}",
+        devices=",".join(d.torch_name for d in hardware.devices),
+        cuda_reason=hardware.cuda_reason or "-",
+    )
+    start_default_models(state)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log_event(log, "neuron.stopping")
+        await runner.cleanup()
+        await state.lifecycle.close()
+        state.inference.close()
+        log_event(log, "neuron.stopped")
+
+
+def run(config: NeuronConfig) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))

@@ -1,7 +1,8 @@
 """Anthropic Messages request types (https://docs.anthropic.com/en/api/messages).
 
-Lenient like the real API is to its own clients: unknown fields (`cache_control`, `thinking`
-options, `context_management`, `output_config`, beta features...) are accepted and ignored.
+Lenient where Anthropic's API is strict: unknown fields (`cache_control`, `thinking` options,
+`context_management`, `output_config`, beta features...) are accepted and ignored, because
+clients send features a gateway in front of local models has no use for.
 Content blocks are validated by their `type`; a block type we cannot represent for a local model
 fails with a 400 that names it. Responses are built as plain dicts in `translate_anthropic`.
 """
@@ -70,6 +71,10 @@ class DocumentBlock(_Lenient):
             kind = source.get("type")
             raise ValueError(f"only plain-text documents (source type 'text') can be read here, not {kind!r}")
         return source
+
+    def text(self) -> str:
+        assert isinstance(self.source, PlainTextSource)  # the validator refused every other source
+        return self.source.data
 
 
 class ToolUseBlock(_Lenient):
@@ -171,7 +176,8 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The neuron's sampler needs a non-empty nucleus: refused here, in Anthropic's envelope.
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
 

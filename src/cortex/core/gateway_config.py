@@ -85,6 +85,7 @@ class EvictionSection(_Strict):
 class LoadSection(_Strict):
     timeout_s: float = Field(default=900.0, gt=0)  # a cold load can take minutes: never cut it short by default
     poll_interval_s: float = Field(default=0.25, gt=0)  # how often a running load's progress is read
+    preload_pinned: bool = True  # load models on the nodes they are pinned on as soon as those nodes answer
 
 
 class NeuronEntry(_Strict):

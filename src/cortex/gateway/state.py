@@ -50,7 +50,8 @@ class Replica:
     context: int | None = None
     harness: str | None = None
     tool_call: Any = None
-    load_progress: float | None = None
+    load_progress: float | None = None  # 0..1 while loading
+    load_stage: str | None = None
     error: str | None = None
     # From the neuron's /health: its own view, which includes other gateways' requests.
     polled_in_flight: int = 0
@@ -96,6 +97,8 @@ class Node:
     replicas: dict[str, Replica] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
     cycles_since_defrag: int = 0  # unloads this gateway made here since the last defragment
+    # Bumped by every load/unload this gateway makes here: a poll that started before one is stale.
+    epoch: int = 0
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -114,7 +117,31 @@ def _int(value: Any, default: int = 0) -> int:
 
 
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _progress(value: Any) -> tuple[float | None, str | None]:
+    """`load_progress` as (fraction 0..1, stage): a neuron may report a number or {fraction, stage}."""
+    if isinstance(value, dict):
+        return _float(value.get("fraction")), (str(value["stage"]) if value.get("stage") else None)
+    return _float(value), None
+
+
+def _error_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        reason, message = value.get("reason"), value.get("message")
+        return f"{reason}: {message}" if reason and message else str(message or reason or value)
+    return str(value)
+
+
+def _wall_to_monotonic(value: Any, now: float) -> float | None:
+    """A neuron's wall-clock timestamp (seconds since the epoch) on this process's monotonic clock."""
+    wall = _float(value)
+    if wall is None or wall < 1e9:
+        return None
+    return now - max(0.0, time.time() - wall)
 
 
 class FleetState:
@@ -202,11 +229,14 @@ class FleetState:
         replica.context = context or None
         replica.harness = raw.get("harness")
         replica.tool_call = raw.get("tool_call")
-        replica.load_progress = _float(raw.get("load_progress"))
-        replica.error = raw.get("error")
+        replica.load_progress, replica.load_stage = _progress(raw.get("load_progress"))
+        replica.error = _error_text(raw.get("error"))
+        if replica.last_used == 0.0:
+            # After a gateway restart, the neuron's own record keeps LRU order meaningful.
+            replica.last_used = _wall_to_monotonic(raw.get("last_used"), now) or 0.0
         if replica.status == LOADED:
             if replica.resident_since is None:
-                replica.resident_since = now
+                replica.resident_since = _wall_to_monotonic(raw.get("loaded_at"), now) or now
             if replica.vram_used_mb > 0:
                 self.measured_vram_mb[replica.model_id] = replica.vram_used_mb
         elif replica.status != UNLOADING:

@@ -23,9 +23,18 @@ from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event, request_id_var
 from cortex.core.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, usage_dict
 from cortex.neuron.engine import LoadedModel
-from cortex.neuron.engine.types import DeviceFault, EngineError, Finished, GenerationRequest, SamplingParams
+from cortex.neuron.engine.types import (
+    DeviceFault,
+    EngineError,
+    Finished,
+    GenerationRequest,
+    PlainText,
+    ReasoningText,
+    SamplingParams,
+    ToolCall,
+)
 from cortex.neuron.lifecycle import Lifecycle, ModelSlot
-from cortex.neuron.output import Content, OutputEvent, Reasoning, ToolCall, split_output
+from cortex.neuron.output import OutputEvent, split_output
 
 log = logging.getLogger("cortex.neuron.inference")
 
@@ -48,6 +57,9 @@ class Job:
     include_reasoning: bool
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest(request_id_var.get(), self.prompt_ids, self.sampling)
 
 
 class Inference:
@@ -142,6 +154,8 @@ class Inference:
     # --- job → reply -------------------------------------------------------------------------
 
     async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
+        async with _fault_guard(self.lifecycle, job):
+            job.model.validate(job.generation_request())
         async with job.slot.admission.slot():
             job.slot.last_used = time.time()
             if job.stream:
@@ -149,8 +163,7 @@ class Inference:
             return await self._complete(job)
 
     def _events(self, job: Job) -> AsyncIterator[OutputEvent]:
-        gen_request = GenerationRequest(request_id_var.get(), job.prompt_ids, job.sampling)
-        return split_output(job.model, gen_request, parse_tools=job.parse_tools)
+        return split_output(job.model, job.generation_request(), parse_tools=job.parse_tools)
 
     async def _complete(self, job: Job) -> web.Response:
         content: list[str] = []
@@ -159,9 +172,9 @@ class Inference:
         finished: Finished | None = None
         async with _fault_guard(self.lifecycle, job):
             async for event in self._events(job):
-                if isinstance(event, Content):
+                if isinstance(event, PlainText):
                     content.append(event.text)
-                elif isinstance(event, Reasoning):
+                elif isinstance(event, ReasoningText):
                     (content if job.include_reasoning else reasoning).append(event.text)
                 elif isinstance(event, ToolCall):
                     calls.append(event.call)
@@ -331,9 +344,9 @@ class ChunkWriter:
         return self._chunk({"role": "assistant", "content": ""}) if self.job.kind == "chat" else b""
 
     def event(self, event: OutputEvent) -> bytes:
-        if isinstance(event, Content):
+        if isinstance(event, PlainText):
             return self._chunk({"content": event.text})
-        if isinstance(event, Reasoning):
+        if isinstance(event, ReasoningText):
             key = "content" if self.job.include_reasoning else "reasoning_content"
             return self._chunk({key: event.text})
         if isinstance(event, ToolCall):

@@ -229,10 +229,12 @@ class Lifecycle:
         return {"model_id": model_id, "freed_mb": round(freed / 2**20)}
 
     async def _drain(self, slot: ModelSlot) -> None:
-        if not await slot.admission.wait_idle(DRAIN_TIMEOUT_S):
-            log_event(
-                log, "model.drain.timeout", logging.WARNING, model=slot.model_id, in_flight=slot.admission.in_flight
-            )
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await slot.admission.wait_idle()
+        except TimeoutError:
+            in_flight = slot.admission.in_flight
+            log_event(log, "model.drain.timeout", logging.WARNING, model=slot.model_id, in_flight=in_flight)
 
     # --- faults ------------------------------------------------------------------------------
 
@@ -248,13 +250,17 @@ class Lifecycle:
     async def _recover(self, slot: ModelSlot) -> None:
         slot.status = "recovering"
         slot.progress = {"fraction": 0.0, "stage": "unloading"}
-        await self._drain(slot)
-        if slot.loaded is not None:
-            loaded, slot.loaded = slot.loaded, None
-            with contextlib.suppress(Exception):
+        try:
+            await self._drain(slot)
+            if slot.loaded is not None:
+                loaded, slot.loaded = slot.loaded, None
                 await self.engine.unload(loaded)
-        assert slot.device is not None
-        source = resolve_source(slot.model_id, slot.config.source, self.config.model_roots, slot.config.revision)
+            assert slot.device is not None
+            source = resolve_source(slot.model_id, slot.config.source, self.config.model_roots, slot.config.revision)
+        except Exception as exc:  # recovery must end in a clear state, never a stuck "recovering"
+            log.exception("recovery failed")
+            await self._fail(slot, "recovery_failed", f"{type(exc).__name__}: {exc}")
+            return
         await self._load(slot, self._spec(slot.config, source, slot.device))
         if slot.status == "loaded":
             log_event(log, "model.recovered", model=slot.model_id)

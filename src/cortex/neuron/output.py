@@ -8,70 +8,48 @@ incrementally, so streaming and non-streaming replies come out of one code path.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 from cortex.neuron.engine import LoadedModel
-from cortex.neuron.engine.types import Finished, GenerationRequest, TextDelta
+from cortex.neuron.engine.types import Finished, GenerationRequest, PlainText, ReasoningText, TextDelta, ToolCall
 
-
-@dataclass(frozen=True)
-class Content:
-    text: str
-
-
-@dataclass(frozen=True)
-class Reasoning:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    call: dict[str, Any]  # {"id", "type": "function", "function": {"name", "arguments": json str}}
-
-
-OutputEvent = Content | Reasoning | ToolCall | Finished
+OutputEvent = PlainText | ReasoningText | ToolCall | Finished
 
 
 class OutputSplitter:
-    def __init__(self, model: LoadedModel, *, parse_tools: bool) -> None:
-        self._reasoning = model.reasoning_parser()
+    def __init__(self, model: LoadedModel, prompt_ids: list[int], *, parse_tools: bool) -> None:
+        self._reasoning = model.reasoning_parser(prompt_ids)
         self._tools = model.tool_parser() if parse_tools else None
 
     def feed(self, text: str) -> list[OutputEvent]:
         if self._reasoning is None:
             return self._content(text)
-        out: list[OutputEvent] = []
-        for kind, piece in self._reasoning.feed(text):
-            out.extend([Reasoning(piece)] if kind == "reasoning" else self._content(piece))
-        return out
+        return self._route(self._reasoning.feed(text))
 
     def finish(self) -> list[OutputEvent]:
-        out: list[OutputEvent] = []
-        if self._reasoning is not None:
-            for kind, piece in self._reasoning.finish():
-                out.extend([Reasoning(piece)] if kind == "reasoning" else self._content(piece))
+        out: list[OutputEvent] = self._route(self._reasoning.finish()) if self._reasoning is not None else []
         if self._tools is not None:
-            out.extend(self._wrap(self._tools.finish()))
+            out.extend(e for e in self._tools.finish() if not isinstance(e, PlainText) or e.text)
+        return out
+
+    def _route(self, events: list[PlainText | ReasoningText]) -> list[OutputEvent]:
+        out: list[OutputEvent] = []
+        for event in events:
+            out.extend(self._content(event.text) if isinstance(event, PlainText) else [event])
         return out
 
     def _content(self, text: str) -> list[OutputEvent]:
         if not text:
             return []
         if self._tools is None:
-            return [Content(text)]
-        return self._wrap(self._tools.feed(text))
-
-    @staticmethod
-    def _wrap(items: list[str | dict[str, Any]]) -> list[OutputEvent]:
-        return [Content(i) if isinstance(i, str) else ToolCall(i) for i in items if i]
+            return [PlainText(text)]
+        return [e for e in self._tools.feed(text) if not isinstance(e, PlainText) or e.text]
 
 
 async def split_output(
     model: LoadedModel, request: GenerationRequest, *, parse_tools: bool
 ) -> AsyncIterator[OutputEvent]:
     """Generate and split; the engine sequence is cancelled when the consumer stops early."""
-    splitter = OutputSplitter(model, parse_tools=parse_tools)
+    splitter = OutputSplitter(model, request.prompt_ids, parse_tools=parse_tools)
     stream = model.generate(request)
     try:
         async for event in stream:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 class EngineError(Exception):
@@ -61,6 +61,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks); max_new_tokens still ends it
 
     @property
     def greedy(self) -> bool:
@@ -108,3 +109,32 @@ class ModelInfo:
     tool_call_format: str | None  # e.g. "hermes" when the chat template renders tools; None if it cannot
     chat_template: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# Events of the output parsers (tool calls, reasoning). The HTTP layer feeds them generated text and
+# streams what they return; each parser holds back only what might still turn out to be markup.
+
+
+@dataclass(frozen=True)
+class PlainText:
+    """Text that is neither a tool call nor reasoning: safe to stream as content."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A completed tool call, OpenAI-shaped: {"id", "type": "function", "function": {"name", "arguments"}}."""
+
+    call: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReasoningText:
+    """Text inside the model's thinking block (`<think>...</think>`)."""
+
+    text: str
+
+
+ParsedEvent = PlainText | ToolCall
+ReasoningEvent = PlainText | ReasoningText

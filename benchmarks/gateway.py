@@ -1,0 +1,317 @@
+"""Gateway overhead: what cortex adds on top of calling a neuron directly. Prints one JSON object.
+
+Against a minimal fixed-response upstream (a raw asyncio HTTP/1.1 server speaking just enough of
+the neuron contract), side by side in one run:
+
+- added latency at concurrency 1: p50/p99 through the gateway minus p50/p99 direct (`wrk --latency`);
+- requests/s at concurrency 32 with the gateway pinned to one core (`taskset -c 0`), and direct;
+- added time to the first streamed byte: a stream's first `data:` event, through the gateway vs
+  direct (a raw-socket client, one request at a time — wrk only sees whole responses).
+
+The upstream, wrk and the first-byte client share the other core, so the gateway's core is its own.
+Needs `wrk` (Debian: apt-get install wrk) and `taskset` (util-linux).
+
+    python benchmarks/gateway.py [--seconds 5] [--log-level info]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+MODEL = "bench"
+CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
+STREAM_BODY = json.dumps({**json.loads(CHAT_BODY), "stream": True})
+STREAM_GAP_S = 0.02  # the upstream holds the rest of a stream this long after its first event
+
+# ---- the fixed-response upstream -------------------------------------------------------------------
+_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    }
+).encode()
+_CONTROL = {
+    b"/version": json.dumps({"version": "bench"}).encode(),
+    b"/discovery": json.dumps(
+        {"hostname": "bench", "devices": [{"index": 0, "name": "bench", "vram_total_mb": 80000, "kind": "cuda"}]}
+    ).encode(),
+    b"/health": json.dumps(
+        {
+            "devices": [{"index": 0, "vram_used_mb": 1000, "vram_free_mb": 79000, "vram_total_mb": 80000}],
+            "models": [{"id": MODEL, "in_flight": 0, "queue_depth": 0}],
+        }
+    ).encode(),
+    b"/models": json.dumps(
+        [{"id": MODEL, "status": "loaded", "devices": [0], "vram_used_mb": 1000, "limit": {"context": 4096}}]
+    ).encode(),
+}
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _sse(delta: str | None, finish: str | None = None, usage: bool = False) -> bytes:
+    chunk: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+    if usage:
+        chunk["choices"] = []
+        chunk["usage"] = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    else:
+        chunk["choices"] = [{"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": finish}]
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+_STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+_STREAM_FIRST = _chunk(_sse("Hello"))
+_STREAM_REST = b"".join(
+    _chunk(e) for e in (_sse(" there"), _sse("!"), _sse(None, "stop"), _sse(None, usage=True), b"data: [DONE]\n\n")
+) + _chunk(b"")
+
+
+class Upstream(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, Content-Length bodies only: the least work a server can do per request."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end]
+            match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            length = int(match.group(1)) if match else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
+            self.respond(head.split(b" ", 2)[1], body)
+
+    def respond(self, path: bytes, body: bytes) -> None:
+        if path == b"/v1/chat/completions":
+            if b'"stream":true' in body.replace(b" ", b""):
+                self.transport.write(_STREAM_HEAD + _STREAM_FIRST)
+                asyncio.get_running_loop().call_later(STREAM_GAP_S, self._finish_stream)
+                return
+            payload = _REPLY
+        else:
+            payload = _CONTROL.get(path, b"{}")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        self.transport.write(head + payload)
+
+    def _finish_stream(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_STREAM_REST)
+
+
+async def _serve_upstream(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+# ---- measurement helpers --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(url: str, connections: int, seconds: int, lua: Path, cpu: str) -> dict[str, float]:
+    args = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(lua), url]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        result[f"p{pct}_ms"] = _ms(re.search(rf"\s{pct}%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    result["non_2xx"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+def first_byte_ms(host: str, port: int, requests: int) -> dict[str, float]:
+    """Time from sending a streaming request to receiving its first `data:` event, one at a time."""
+    body = STREAM_BODY.encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    samples = []
+    with socket.create_connection((host, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(requests):
+            started = time.perf_counter()
+            sock.sendall(head + body)
+            received = b""
+            while b"data:" not in received:
+                received += sock.recv(65536)
+            samples.append((time.perf_counter() - started) * 1000)
+            while not received.endswith(b"0\r\n\r\n"):  # drain to the terminating chunk
+                received += sock.recv(65536)
+    samples.sort()
+    return {"p50_ms": statistics.median(samples), "p99_ms": samples[int(len(samples) * 0.99) - 1]}
+
+
+def _write_lua(directory: Path) -> Path:
+    lua = directory / "post.lua"
+    body = CHAT_BODY.replace("\\", "\\\\").replace('"', '\\"')
+    lua.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{body}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return lua
+
+
+def _gateway_config(directory: Path, upstream_port: int, port: int, log_level: str) -> Path:
+    cfg = directory / "cortex.toml"
+    cfg.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{free_port()}"\n'
+        f'log_level = "{log_level}"\n[poll]\ninterval_s = 2\n'
+        f'[[neurons]]\nname = "bench"\nendpoint = "http://127.0.0.1:{upstream_port}"\n'
+    )
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--first-byte-requests", type=int, default=400)
+    parser.add_argument("--log-level", default="info", help="the gateway's log level (info: one line per request)")
+    args = parser.parse_args()
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is required (apt-get install wrk util-linux)")
+    cpus = sorted(os.sched_getaffinity(0))
+    gateway_cpu, other_cpu = str(cpus[0]), str(cpus[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        upstream_port, gateway_port = free_port(), free_port()
+        procs = []
+        try:
+            procs.append(
+                subprocess.Popen(["taskset", "-c", other_cpu, sys.executable, __file__, "--upstream", str(upstream_port)])
+            )
+            wait_http(f"http://127.0.0.1:{upstream_port}/version")
+            cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
+            gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
+            log = (directory / "gateway.log").open("wb")
+            procs.append(subprocess.Popen(["taskset", "-c", gateway_cpu, *gateway_cmd], stdout=log, stderr=log))
+            wait_http(f"http://127.0.0.1:{gateway_port}/health")
+            result = measure(args, directory, upstream_port, gateway_port, other_cpu)
+            result["setup"] = {
+                "gateway_cpu": gateway_cpu,
+                "upstream_wrk_and_client_cpu": other_cpu,
+                "cpus": len(cpus),
+                "gateway_log_level": args.log_level,
+                "seconds_per_wrk_run": args.seconds,
+                "python": sys.version.split()[0],
+                "event_loop": _loop_name(),
+            }
+            print(json.dumps(result, indent=2))
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(10)
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def measure(args: argparse.Namespace, directory: Path, upstream_port: int, gateway_port: int, cpu: str) -> dict:
+    lua = _write_lua(directory)
+    direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+    run_wrk(gateway_url, 4, 2, lua, cpu)  # warm-up: pooled connections, code paths
+    first_byte_ms("127.0.0.1", gateway_port, 50)
+    direct1 = run_wrk(direct_url, 1, args.seconds, lua, cpu)
+    gateway1 = run_wrk(gateway_url, 1, args.seconds, lua, cpu)
+    direct32 = run_wrk(direct_url, 32, args.seconds, lua, cpu)
+    gateway32 = run_wrk(gateway_url, 32, args.seconds, lua, cpu)
+    fb_direct = first_byte_ms("127.0.0.1", upstream_port, args.first_byte_requests)
+    fb_gateway = first_byte_ms("127.0.0.1", gateway_port, args.first_byte_requests)
+    r = lambda x: round(x, 3)  # noqa: E731
+    return {
+        "latency_c1_ms": {
+            "direct": {"p50": r(direct1["p50_ms"]), "p99": r(direct1["p99_ms"])},
+            "gateway": {"p50": r(gateway1["p50_ms"]), "p99": r(gateway1["p99_ms"])},
+            "added_p50": r(gateway1["p50_ms"] - direct1["p50_ms"]),
+            "added_p99": r(gateway1["p99_ms"] - direct1["p99_ms"]),
+        },
+        "throughput_c32_rps": {
+            "direct": round(direct32["rps"]),
+            "gateway_one_core": round(gateway32["rps"]),
+            "gateway_p99_ms": r(gateway32["p99_ms"]),
+            "gateway_non_2xx": int(gateway32["non_2xx"]),
+        },
+        "stream_first_byte_ms": {
+            "direct": {"p50": r(fb_direct["p50_ms"]), "p99": r(fb_direct["p99_ms"])},
+            "gateway": {"p50": r(fb_gateway["p50_ms"]), "p99": r(fb_gateway["p99_ms"])},
+            "added_p50": r(fb_gateway["p50_ms"] - fb_direct["p50_ms"]),
+        },
+        "targets": {
+            "added_p50_ms_max": 0.5,
+            "added_p99_ms_max": 1.5,
+            "gateway_one_core_rps_min": 4000,
+            "added_first_byte_ms_max": 0.5,
+        },
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
+        try:
+            import uvloop
+
+            uvloop.run(_serve_upstream(int(sys.argv[2])))
+        except ImportError:
+            asyncio.run(_serve_upstream(int(sys.argv[2])))
+    else:
+        main()

@@ -1,0 +1,76 @@
+"""The per-request `request.done` line, cheap enough for the hot path.
+
+Same `key=value` format and destination as every other line (core/logs.py), but formatted with
+one f-string and written once per event-loop iteration for all requests that finished in it:
+going through `logging` cost a tenth of the gateway's CPU at full load. Prompts are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cortex.core.logs import request_id_var
+
+LOGGER = "cortex.gateway.access"
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:@+[]")
+
+
+def _value(text: str) -> str:
+    if text and all(c in _PLAIN for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(LOGGER)
+        self._pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def request_done(
+        self,
+        route: str,
+        status: int,
+        model: str,
+        node: str,
+        stream: bool,
+        seconds: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error: str,
+    ) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._pending.append(
+            f"ts={self._stamp}.{int((now - second) * 1000):03d}Z level=info logger={LOGGER} event=request.done "
+            f"request_id={_value(request_id_var.get())} route={_value(route)} status={status} model={_value(model)} "
+            f"node={_value(node)} stream={stream} ms={seconds * 1000:.2f} prompt_tokens={prompt_tokens} "
+            f"completion_tokens={completion_tokens} error={_value(error)}"
+        )
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (tests, shutdown): write now
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        for handler in logging.getLogger().handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream is not None:
+                stream.write("\n".join(lines) + "\n")
+                handler.flush()
+                return
+        for line in lines:  # logging configured some other way: let it route each line
+            self.logger.info(line)

@@ -1,0 +1,130 @@
+"""Polls every neuron's `/discovery`, `/health` and `/models` into the fleet state.
+
+Each node has its own polling loop, so a slow or dead neuron never delays the others. A node
+turns unhealthy after `unhealthy_after` consecutive failed polls (or at once when a request
+cannot connect to it) and healthy again at its next answered poll. Discovery is read when a
+node is first reached and again whenever it comes back, since a restarted neuron may differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from cortex.core.gateway_config import PollSection
+from cortex.core.logs import log_event
+from cortex.gateway import neuron_client
+from cortex.gateway.metrics import Metrics
+from cortex.gateway.neuron_client import NeuronRefused, NeuronUnreachable
+from cortex.gateway.state import FleetState, Node
+
+log = logging.getLogger("cortex.gateway.poller")
+
+_PROBE_TIMEOUT_S = 2.0
+
+
+class Poller:
+    def __init__(
+        self, state: FleetState, session: aiohttp.ClientSession, config: PollSection, metrics: Metrics
+    ) -> None:
+        self.state = state
+        self.session = session
+        self.config = config
+        self.metrics = metrics
+        # Called after each answered poll (e.g. to load models pinned on a node that came back).
+        self.after_poll: Callable[[Node], None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """One round for every node (so the first requests see the fleet), then the loops."""
+        await self.poll_all()
+        self._tasks = [asyncio.create_task(self._loop(node), name=f"poll-{node.name}") for node in self.nodes()]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def nodes(self) -> list[Node]:
+        return list(self.state.nodes.values())
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll_node(node) for node in self.nodes()))
+
+    async def _loop(self, node: Node) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                await self.poll_node(node)
+            except Exception:  # a bug in one poll must not end the loop for good
+                log.exception("poll crashed", extra={"fields": {"node": node.name}})
+
+    async def poll_node(self, node: Node, timeout: float | None = None) -> bool:
+        """Poll one node; True when it answered."""
+        timeout = timeout or self.config.timeout_s
+        epoch = node.epoch
+        try:
+            discovery = None
+            if not node.discovered:
+                discovery = await neuron_client.get_json(self.session, node, "/discovery", timeout=timeout)
+            health, models = await _both(
+                neuron_client.get_json(self.session, node, "/health", timeout=timeout),
+                neuron_client.get_json(self.session, node, "/models", timeout=timeout),
+            )
+        except (NeuronUnreachable, NeuronRefused) as exc:
+            self._failed(node, str(exc))
+            return False
+        if isinstance(discovery, dict):
+            self.state.apply_discovery(node, discovery)
+        # A load or unload this gateway made while the poll ran is newer than what it read.
+        if epoch == node.epoch and isinstance(models, list):
+            self.state.apply_models(node, models)
+        if isinstance(health, dict):
+            self.state.apply_health(node, health)
+        if self.state.mark_ok(node):
+            log_event(log, "node.healthy", node=node.name, devices=len(node.devices), models=len(node.replicas))
+        self.metrics.observe_node(node)
+        if self.after_poll is not None:
+            self.after_poll(node)
+        return True
+
+    async def probe(self, node: Node) -> bool:
+        """A quick poll after a request failed to reach the node; marks it unreachable if it fails."""
+        if await self.poll_node(node, timeout=_PROBE_TIMEOUT_S):
+            return True
+        if self.state.mark_unreachable(node, node.last_error or "unreachable"):
+            log_event(log, "node.unhealthy", logging.WARNING, node=node.name, error=node.last_error)
+            self.metrics.observe_node(node)
+        return False
+
+    async def refresh_models(self, node: Node) -> list[dict[str, Any]]:
+        """Read and apply the node's `/models` now (used while a load runs); raises on failure."""
+        models = await neuron_client.get_json(self.session, node, "/models", timeout=self.config.timeout_s)
+        if isinstance(models, list):
+            self.state.apply_models(node, models)
+            return models
+        return []
+
+    def _failed(self, node: Node, error: str) -> None:
+        if self.state.mark_failed(node, error, self.config.unhealthy_after):
+            log_event(log, "node.unhealthy", logging.WARNING, node=node.name, error=error, failures=node.failures)
+        elif node.failures == 1:
+            log_event(log, "node.poll_failed", logging.INFO, node=node.name, error=error)
+        self.metrics.observe_node(node)
+
+
+async def _both(first: Any, second: Any) -> tuple[Any, Any]:
+    """Await two calls concurrently; raise the first failure only after both ended (no orphans)."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return a, b

@@ -1,0 +1,159 @@
+"""Routing a request to a replica (ARCHITECTURE.md §3 "Routing a request").
+
+1. Resolve an alias. 2. Loaded on a healthy node → the replica with the fewest in-flight + queued
+requests. 3. Recovering (or poisoned, which its neuron is recovering) somewhere → 503 with
+Retry-After, no duplicate load. 4. Loading somewhere → wait for that load. 5. In the catalogue →
+cold-load it (single-flight, see loader.py) and route there. 6. Otherwise 404 `model_not_found`.
+
+Picking a replica and counting the request on it happen without an await in between, so the
+evictor, which refuses replicas with requests in flight, can never race a request onto a victim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from cortex.core.catalogue import Catalogue
+from cortex.core.errors import ApiError, model_not_found
+from cortex.gateway.loader import Loader, LoadJob
+from cortex.gateway.state import LOADING, RECOVERY_STATUSES, FleetState, Node, Replica
+
+KeepAlive = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+# After a load finishes, the model can be gone again before we route (evicted, crashed): retry this often.
+_ROUTE_ATTEMPTS = 3
+
+
+class Lease:
+    """A request counted on a replica; `release()` exactly once when the request ends."""
+
+    __slots__ = ("node", "released", "replica")
+
+    def __init__(self, node: Node, replica: Replica) -> None:
+        self.node = node
+        self.replica = replica
+        self.released = False
+        replica.in_flight += 1
+        replica.last_used = time.monotonic()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.replica.in_flight -= 1
+            self.replica.last_used = time.monotonic()
+
+
+class Router:
+    def __init__(
+        self, state: FleetState, catalogue: Catalogue, loader: Loader, retry_after_s: float, keepalive_interval_s: float
+    ) -> None:
+        self.state = state
+        self.catalogue = catalogue
+        self.loader = loader
+        self.retry_after_s = retry_after_s
+        self.keepalive_interval_s = keepalive_interval_s
+        # Plain dicts: resolving runs on every request, and pydantic attribute access is slow.
+        self._aliases = dict(catalogue.aliases)
+        self._catalogued = set(catalogue.ids())
+
+    def resolve(self, name: str) -> str:
+        """The model id behind a client's model name; 404 when neither catalogue nor fleet knows it."""
+        model_id = self._aliases.get(name, name)
+        if model_id in self._catalogued:
+            return model_id
+        # Known to a neuron, even one that is down right now: the answer is then 503, not 404.
+        for node in self.state.nodes.values():
+            if model_id in node.replicas:
+                return model_id
+        raise model_not_found(name)
+
+    def pick(self, model_id: str, exclude: frozenset[str] | set[str] = frozenset()) -> Lease | None:
+        """The least busy loaded replica on a healthy node, counted; None when there is none."""
+        best: Replica | None = None
+        best_node: Node | None = None
+        for node in self.state.nodes.values():
+            if not node.healthy or node.name in exclude:
+                continue
+            replica = node.replicas.get(model_id)
+            if replica is None or not replica.routable:
+                continue
+            if best is None or (replica.busy(), replica.last_used) < (best.busy(), best.last_used):
+                best, best_node = replica, node
+        return None if best is None or best_node is None else Lease(best_node, best)
+
+    async def route(
+        self,
+        model_id: str,
+        *,
+        keepalive: KeepAlive | None = None,
+        exclude: frozenset[str] | set[str] = frozenset(),
+    ) -> Lease:
+        """A lease on a replica of `model_id`, cold-loading it first when needed (see module doc)."""
+        lease = self.pick(model_id, exclude)
+        if lease is not None:
+            return lease
+        for _ in range(_ROUTE_ATTEMPTS):
+            job = self._load_job(model_id, exclude)
+            await self.wait(job.wait(), keepalive)
+            lease = self.pick(model_id, exclude)
+            if lease is not None:
+                return lease
+        raise ApiError(
+            503,
+            f"'{model_id}' was loaded but went away again before it could serve",
+            code="model_unavailable",
+            retry_after=self.retry_after_s,
+        )
+
+    def _load_job(self, model_id: str, exclude: frozenset[str] | set[str]) -> LoadJob:
+        """The load to wait for: one already running anywhere, else a new cold load; or the refusal."""
+        for node in self.state.nodes.values():
+            if not node.healthy or node.name in exclude:
+                continue
+            replica = node.replicas.get(model_id)
+            if replica is None:
+                continue
+            if replica.status in RECOVERY_STATUSES:
+                raise ApiError(
+                    503,
+                    f"'{model_id}' is recovering on '{node.name}'; retry shortly",
+                    code="model_recovering",
+                    retry_after=self.retry_after_s,
+                )
+            if replica.status == LOADING:
+                return self.loader.follow(node, model_id)
+        job = self.loader.job(model_id)
+        if job is not None:
+            return job
+        spec = self.catalogue.get(model_id)
+        if spec is not None:
+            return self.loader.load(spec)
+        down = sorted(n.name for n in self.state.nodes.values() if model_id in n.replicas and not n.healthy)
+        if down:
+            raise ApiError(
+                503,
+                f"'{model_id}' is served only by neurons that are down ({', '.join(down)}) and is not in the catalogue",
+                code="model_unavailable",
+                retry_after=self.retry_after_s,
+            )
+        raise model_not_found(model_id)
+
+    async def wait(self, awaitable: Awaitable[T], keepalive: KeepAlive | None) -> T:
+        """Await, calling `keepalive` at once and then every interval until done."""
+        if keepalive is None:
+            return await awaitable
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await keepalive()
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.keepalive_interval_s)
+                if done:
+                    return task.result()
+                await keepalive()
+        finally:
+            if not task.done():
+                task.cancel()  # only our shielded wait: the load itself goes on for whoever comes next

@@ -1,0 +1,160 @@
+"""The running gateway: builds the shared parts once and owns their lifecycle.
+
+One `Gateway` per process, stored on the aiohttp application under `GATEWAY`; route modules
+reach every shared part through it (`request.app[GATEWAY].router`, `.upstream`, …).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from cortex.core.catalogue import CatalogueModel
+from cortex.core.errors import ApiError
+from cortex.core.gateway_config import FleetConfig
+from cortex.core.logs import log_event
+from cortex.gateway.evictor import EvictionPolicy, Evictor
+from cortex.gateway.loader import Loader
+from cortex.gateway.metrics import Metrics
+from cortex.gateway.placement import Placer
+from cortex.gateway.poller import Poller
+from cortex.gateway.router import Router
+from cortex.gateway.state import FleetState, Node
+from cortex.gateway.upstream import Upstream
+
+log = logging.getLogger("cortex.gateway")
+
+# Enough pooled connections per neuron for hundreds of concurrent streams; keep-alive saves a connect per request.
+_POOL_LIMIT = 4096
+_KEEPALIVE_S = 30.0
+# SSE events and response bodies can be large (long tool-call arguments): allow big reads.
+READ_BUFSIZE = 1 << 20
+_PINNED_RETRY_S = 60.0
+
+
+def new_session(connect_timeout_s: float) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=_POOL_LIMIT,
+        limit_per_host=0,
+        keepalive_timeout=_KEEPALIVE_S,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        auto_decompress=False,  # bodies pass through as the neuron sent them
+        read_bufsize=READ_BUFSIZE,
+        # No Accept-Encoding: bodies pass through undecoded, so the neuron must never compress them.
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+class Gateway:
+    """Configuration plus every long-lived part; `start()` inside the event loop, `stop()` at exit."""
+
+    def __init__(self, fleet: FleetConfig) -> None:
+        self.fleet = fleet
+        self.config = fleet.gateway
+        self.catalogue = fleet.catalogue
+        self.started_at = time.time()
+        self.state = FleetState(self.config.neurons)
+        self.metrics = Metrics()
+        self.policy = EvictionPolicy(self.config.eviction.strategy, self.config.eviction.min_residency_s)
+        self._api_keys = [k.encode() for k in self.config.gateway.api_keys]
+        self._background: set[asyncio.Task[object]] = set()
+        self._pinned_retry_at: dict[tuple[str, str], float] = {}
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.session = new_session(cfg.gateway.connect_timeout_s)
+        self.poller = Poller(self.state, self.session, cfg.poll, self.metrics)
+        self.evictor = Evictor(self.state, self.session, self.metrics, cfg.eviction.defrag_after_cycles)
+        self.placer = Placer(self.state, self.catalogue, self.policy)
+        self.loader = Loader(
+            self.state,
+            self.session,
+            self.placer,
+            self.evictor,
+            self.poller,
+            self.metrics,
+            cfg.load,
+            cfg.gateway.retry_after_s,
+        )
+        self.router = Router(
+            self.state, self.catalogue, self.loader, cfg.gateway.retry_after_s, cfg.gateway.keepalive_interval_s
+        )
+        self.upstream = Upstream(self)
+        if cfg.load.preload_pinned:
+            self.poller.after_poll = self._load_pinned
+        await self.poller.start()
+        healthy = [n.name for n in self.state.healthy_nodes()]
+        log_event(log, "gateway.fleet", neurons=len(self.state.nodes), healthy=",".join(healthy) or "none")
+
+    async def stop(self) -> None:
+        await self.poller.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for job in list(self.loader.jobs.values()):
+            if job.task is not None:
+                job.task.cancel()
+        await self.session.close()
+
+    # ---- client authentication ----------------------------------------------------------------
+    def check_client_key(self, request: web.BaseRequest) -> None:
+        """401 unless the request carries one of `gateway.api_keys` (no-op when none is configured).
+
+        Accepts `Authorization: Bearer KEY` (OpenAI SDKs) and `x-api-key: KEY` (Anthropic SDKs).
+        """
+        if not self._api_keys:
+            return
+        presented = _bearer(request) or request.headers.get("x-api-key", "")
+        if not any(hmac.compare_digest(presented.encode(), key) for key in self._api_keys):
+            raise ApiError(401, "a valid API key is required", type="authentication_error", code="invalid_api_key")
+
+    def check_admin_key(self, request: web.BaseRequest) -> None:
+        key = self.config.gateway.admin_key
+        if key is None:
+            return
+        presented = _bearer(request) or request.headers.get("x-admin-key", "")
+        if not hmac.compare_digest(presented.encode(), key.encode()):
+            raise ApiError(401, "the admin key is required", type="authentication_error", code="invalid_admin_key")
+
+    # ---- pinned models ---------------------------------------------------------------------------
+    def _load_pinned(self, node: Node) -> None:
+        """After a node answers a poll: load models pinned on it that it lacks (they belong there).
+
+        A model the neuron reports in any state (failed included) is left alone, and a load that
+        could not start is retried only after `_PINNED_RETRY_S`, so a bad entry never spins.
+        """
+        now = time.monotonic()
+        for spec in self.catalogue.models:
+            if not self.state.is_pinned(spec.id, node.name, spec.pinned_on) or spec.id in node.replicas:
+                continue
+            if self.loader.job(spec.id) is not None or self._pinned_retry_at.get((spec.id, node.name), 0) > now:
+                continue
+            self._spawn(self._preload(spec, node))
+
+    async def _preload(self, spec: CatalogueModel, node: Node) -> None:
+        try:
+            await self.loader.load(spec, node.name).wait()
+        except ApiError as exc:
+            self._pinned_retry_at[(spec.id, node.name)] = time.monotonic() + _PINNED_RETRY_S
+            log_event(log, "pinned.load_failed", logging.WARNING, model=spec.id, node=node.name, error=exc.message)
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _bearer(request: web.BaseRequest) -> str:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""

@@ -1,0 +1,189 @@
+"""Tool calls parsed back out of generated text, incrementally, for the formats chat templates teach.
+
+- "hermes" (Hermes, Qwen 2/2.5/3 and most fine-tunes): `<tool_call>{"name": .., "arguments": {..}}</tool_call>`.
+- "json" / "llama3": a bare JSON object (or list of them) `{"name": .., "arguments"|"parameters": {..}}`
+  as the whole reply, optionally after Llama 3's `<|python_tag|>`.
+
+A parser is fed text as it streams and returns plain text that is safe to show now, holding back
+only what may still become a tool call. Malformed tool-call JSON never raises: it comes back as text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from .holdback import partial_marker_length
+from .types import ParsedEvent, PlainText, ToolCall
+
+HERMES_OPEN = "<tool_call>"
+HERMES_CLOSE = "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+def detect_tool_format(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model, or None if it does not render tools."""
+    if not chat_template:
+        return None
+    if HERMES_OPEN in chat_template:
+        return "hermes"
+    if PYTHON_TAG in chat_template:
+        return "llama3"
+    if "tools" in chat_template:
+        return "json"
+    return None
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls_from_json(text: str) -> list[dict[str, Any]] | None:
+    """OpenAI tool calls from one JSON object or a list of them; None if `text` is not exactly that."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = [_openai_call(item) for item in items]
+    if not calls or any(call is None for call in calls):
+        return None
+    return [call for call in calls if call is not None]
+
+
+def _openai_call(item: Any) -> dict[str, Any] | None:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    if isinstance(arguments, str):  # some models emit the arguments pre-encoded
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+class ToolCallParser:
+    """Incremental parser: `feed` chunks as they stream, then `finish` once at the end."""
+
+    def __init__(self, tool_format: str | None) -> None:
+        self.tool_format = tool_format
+        self._buffer = ""
+        self._in_call = False  # hermes: inside <tool_call> ... </tool_call>
+        self._json_state = "start"  # json: "start" (only whitespace so far) | "json" | "text"
+
+    def feed(self, text: str) -> list[ParsedEvent]:
+        if self.tool_format == "hermes":
+            return _merge_text(self._feed_hermes(text))
+        if self.tool_format in ("json", "llama3"):
+            return _merge_text(self._feed_json(text))
+        return [PlainText(text)] if text else []
+
+    def finish(self) -> list[ParsedEvent]:
+        if self.tool_format == "hermes":
+            return _merge_text(self._finish_hermes())
+        if self.tool_format in ("json", "llama3"):
+            return _merge_text(self._finish_json())
+        return []
+
+    # hermes: <tool_call>{...}</tool_call>, possibly several, anywhere in the reply
+
+    def _feed_hermes(self, text: str) -> list[ParsedEvent]:
+        self._buffer += text
+        events: list[ParsedEvent] = []
+        while True:
+            if not self._in_call:
+                start = self._buffer.find(HERMES_OPEN)
+                if start < 0:
+                    safe = len(self._buffer) - partial_marker_length(self._buffer, (HERMES_OPEN,))
+                    events.append(PlainText(self._buffer[:safe]))
+                    self._buffer = self._buffer[safe:]
+                    return events
+                events.append(PlainText(self._buffer[:start]))
+                self._buffer = self._buffer[start + len(HERMES_OPEN) :]
+                self._in_call = True
+            end = self._buffer.find(HERMES_CLOSE)
+            if end < 0:
+                return events
+            body, self._buffer = self._buffer[:end], self._buffer[end + len(HERMES_CLOSE) :]
+            self._in_call = False
+            events.extend(self._hermes_call(body, closed=True))
+
+    def _finish_hermes(self) -> list[ParsedEvent]:
+        rest, self._buffer = self._buffer, ""
+        if not self._in_call:
+            return [PlainText(rest)]
+        self._in_call = False
+        return self._hermes_call(rest, closed=False)  # a model may stop before writing </tool_call>
+
+    @staticmethod
+    def _hermes_call(body: str, *, closed: bool) -> list[ParsedEvent]:
+        calls = tool_calls_from_json(body.strip())
+        if calls is None:
+            return [PlainText(HERMES_OPEN + body + (HERMES_CLOSE if closed else ""))]
+        return [ToolCall(call) for call in calls]
+
+    # json / llama3: the whole reply is one JSON tool call (or a list), maybe after <|python_tag|>
+
+    def _feed_json(self, text: str) -> list[ParsedEvent]:
+        self._buffer += text
+        if self._json_state == "text":
+            return self._flush_text()
+        if self._json_state == "start":
+            head = self._buffer.lstrip()
+            if not head or PYTHON_TAG.startswith(head):
+                return []  # nothing decisive yet
+            if head.startswith(PYTHON_TAG):
+                head = head[len(PYTHON_TAG) :].lstrip()
+                if not head:
+                    return []
+            self._json_state = "json" if head[0] in "{[" else "text"
+            if self._json_state == "text":
+                return self._flush_text()
+        return []  # a JSON reply is judged whole, at finish
+
+    def _finish_json(self) -> list[ParsedEvent]:
+        rest, self._buffer = self._buffer, ""
+        if self._json_state == "json":
+            body = rest.lstrip()
+            body = body[len(PYTHON_TAG) :] if body.startswith(PYTHON_TAG) else body
+            calls = tool_calls_from_json(body.strip())
+            if calls is not None:
+                return [ToolCall(call) for call in calls]
+        return [PlainText(rest)]
+
+    def _flush_text(self) -> list[ParsedEvent]:
+        text, self._buffer = self._buffer, ""
+        return [PlainText(text)]
+
+
+def _merge_text(events: list[ParsedEvent]) -> list[ParsedEvent]:
+    """Drop empty text and join neighbouring text events, so callers see one event per kind change."""
+    merged: list[ParsedEvent] = []
+    for event in events:
+        if isinstance(event, PlainText):
+            if not event.text:
+                continue
+            if merged and isinstance(merged[-1], PlainText):
+                merged[-1] = PlainText(merged[-1].text + event.text)
+                continue
+        merged.append(event)
+    return merged
+
+
+def parse_tool_calls(text: str, tool_format: str | None = "hermes") -> tuple[str | None, list[dict[str, Any]]]:
+    """One-shot parse of a whole reply: (content or None when only whitespace remains, tool calls)."""
+    parser = ToolCallParser(tool_format)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, PlainText))
+    calls = [e.call for e in events if isinstance(e, ToolCall)]
+    if calls:
+        content = content.strip()
+    return (content or None), calls

@@ -1,0 +1,147 @@
+"""The dialects once end to end through a real neuron: a tiny random-weight model whose chat
+template renders tools (Hermes/Qwen style) and rejects a system message that is not first.
+
+The model's output is gibberish, so these tests check what a real template and tokenizer do with
+translated conversations: Claude Code's whole request shape (system blocks, system-role messages
+mid-conversation and last, a tool-use history, 14 tools, `max_tokens: 32000` clipped), tool
+results rendered, token counting by the model's own tokenizer, and valid streams in both dialects.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.dialects.claude_code import CLAUDE_CODE_HEADERS, claude_code_request
+from tests.dialects.schemas import assert_anthropic_event, assert_responses_event
+from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_gateway
+from tests.support.models import build_tiny_model
+from tests.support.procs import Daemon, run_neuron, wait_model_status
+
+MODEL = "tiny-tools"
+
+
+@dataclass
+class RealFleet:
+    gateway: GatewayDaemon
+    neuron: Daemon
+
+
+@pytest.fixture(scope="module")
+def real_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
+    tmp = tmp_path_factory.mktemp("real-dialects")
+    # Claude Code's 14 tool schemas alone are ~1,000 tokens: a wider context than the shared tiny model's.
+    model_dir = build_tiny_model(tmp / "models" / "tiny-tools-2k", seed=3, context=2048, tools=True)
+    neuron_toml = f"""
+model_roots = ["{model_dir.parent}"]
+[devices]
+use = "cpu"
+cpu_memory_mb = 4096
+[[default_models]]
+model_id = "{MODEL}"
+source = "{model_dir}"
+"""
+    with run_neuron(tmp, neuron_toml) as neuron:
+        wait_model_status(neuron.url, MODEL)
+        with run_gateway(tmp, cortex_toml({"real": neuron.url}, models_config=None), wait_healthy=1) as gateway:
+            yield RealFleet(gateway, neuron)
+
+
+def _post_json(url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def _post_stream(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[tuple[str, Any]]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        raw = response.read().decode()
+    frames = []
+    for block in raw.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if lines:
+            name = next(line[7:] for line in lines if line.startswith("event: "))
+            frames.append((name, json.loads(next(line[6:] for line in lines if line.startswith("data: ")))))
+    return frames
+
+
+def test_claude_code_request_through_a_real_template(real_fleet: RealFleet) -> None:
+    body = claude_code_request(MODEL)
+    events = _post_stream(f"{real_fleet.gateway.url}/v1/messages?beta=true", body, CLAUDE_CODE_HEADERS)
+    for name, data in events:
+        assert_anthropic_event(name, data)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-1] == "message_stop", names[-3:]
+    delta = next(data for name, data in events if name == "message_delta")
+    assert delta["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    # The prompt really was the whole conversation: far more than a bare question.
+    assert delta["usage"]["input_tokens"] > 800 and delta["usage"]["output_tokens"] > 0
+
+
+def test_count_tokens_uses_the_models_tokenizer(real_fleet: RealFleet) -> None:
+    client = anthropic.Anthropic(base_url=real_fleet.gateway.url, api_key="unused", max_retries=0)
+    short = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    longer = client.messages.count_tokens(
+        model=MODEL, messages=[{"role": "user", "content": "hi " * 50}], system="You are terse."
+    )
+    assert 0 < short.input_tokens < longer.input_tokens
+    tools: Any = [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    with_tools = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=tools)
+    assert with_tools.input_tokens > short.input_tokens + 20
+
+
+def test_system_messages_mid_conversation_are_rendered_not_dropped(real_fleet: RealFleet) -> None:
+    """The template refuses a late system message; the neuron must fold it in, never drop it."""
+    body = {k: v for k, v in claude_code_request(MODEL).items() if k not in ("max_tokens", "stream")}
+    without = {**body, "messages": [m for m in body["messages"] if m["role"] != "system"]}
+    url = f"{real_fleet.gateway.url}/v1/messages/count_tokens?beta=true"
+    counted, counted_without = (_post_json(url, b, CLAUDE_CODE_HEADERS)["input_tokens"] for b in (body, without))
+    # "The user switched to plan mode." and "Reminder: be brief." are more than 8 tokens together.
+    assert counted >= counted_without + 8
+
+
+def test_anthropic_tool_history_renders_and_streams(real_fleet: RealFleet) -> None:
+    client = anthropic.Anthropic(base_url=real_fleet.gateway.url, api_key="unused", max_retries=0, timeout=120)
+    tools: Any = [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    history: Any = [
+        {"role": "user", "content": "weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain, 8C"}]},
+    ]
+    with client.messages.stream(
+        model=MODEL, max_tokens=16, system="Answer briefly.", tools=tools, messages=history
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert final.usage.output_tokens > 0
+
+
+def test_responses_stream_with_function_tools(real_fleet: RealFleet) -> None:
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    tools: Any = [{"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}]
+    items: Any = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    events = client.responses.create(
+        model=MODEL, input=items, tools=tools, instructions="Be brief.", max_output_tokens=12, stream=True
+    )
+    seen = list(events)
+    for event in seen:
+        assert_responses_event(event.type, event.model_dump(exclude_unset=True))
+    assert seen[0].type == "response.created" and seen[-1].type in ("response.completed", "response.incomplete")

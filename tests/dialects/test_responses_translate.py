@@ -1,0 +1,387 @@
+"""OpenAI Responses <-> Chat: requests, whole replies, streamed events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cortex.core.errors import ApiError
+from cortex.core.openai import ChatCompletionRequest
+from cortex.core.responses import parse_responses_request
+from cortex.core.translate_responses import ResponsesStream, to_chat_request, to_response
+from tests.dialects.schemas import assert_response, assert_responses_event
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "weather",
+    "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": True,
+}
+
+
+def translate(**fields: Any) -> dict[str, Any]:
+    chat = to_chat_request(parse_responses_request({"model": "m", "input": "hi", **fields}))
+    ChatCompletionRequest.model_validate(chat)
+    return chat
+
+
+def rejected(**fields: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        to_chat_request(parse_responses_request({"model": "m", **fields}))
+    assert caught.value.status == 400
+    return caught.value
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+def test_string_input_and_instructions_first_verbatim() -> None:
+    chat = translate(instructions="  Be brief.\n", max_output_tokens=50, temperature=0.3, top_p=0.5)
+    assert chat == {
+        "model": "m",
+        "messages": [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 50,
+        "temperature": 0.3,
+        "top_p": 0.5,
+    }
+
+
+def test_message_items_with_typed_parts() -> None:
+    items = [
+        {"role": "developer", "content": "dev rules"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "and this"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "output_text", "text": "ok", "annotations": []}]},
+        {"role": "system", "content": "late system"},
+    ]
+    assert translate(input=items)["messages"] == [
+        {"role": "developer", "content": "dev rules"},
+        {"role": "user", "content": "look"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "and this"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        },
+        {"role": "assistant", "content": "ok"},
+        {"role": "system", "content": "late system"},
+    ]
+
+
+def test_function_calls_and_outputs_match_by_call_id() -> None:
+    items = [
+        {"role": "user", "content": "weather in Oslo and Rome?"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "two calls"}],
+        },
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Checking both."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city":"Oslo"}', "id": "fc_1"},
+        {"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": '{"city":"Rome"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
+        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "sun"}]},
+    ]
+    chat = translate(input=items, tools=[WEATHER_TOOL])
+    assert chat["messages"] == [
+        {"role": "user", "content": "weather in Oslo and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Checking both.",
+            "reasoning_content": "two calls",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Rome"}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "sun"},
+    ]
+
+
+def test_function_call_without_preceding_assistant_text() -> None:
+    items = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "done"},
+    ]
+    messages = translate(input=items)["messages"]
+    assert messages[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+
+
+def test_tools_flat_to_nested_and_tool_choice() -> None:
+    chat = translate(tools=[WEATHER_TOOL, {"type": "web_search"}], tool_choice="required", parallel_tool_calls=False)
+    assert chat["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "parameters": WEATHER_TOOL["parameters"],
+                "description": "Weather for a city",
+                "strict": True,
+            },
+        }
+    ]
+    assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
+    forced = translate(tools=[WEATHER_TOOL], tool_choice={"type": "function", "name": "weather"})
+    assert forced["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    allowed = translate(tools=[WEATHER_TOOL], tool_choice={"type": "allowed_tools", "mode": "required", "tools": []})
+    assert allowed["tool_choice"] == "required"
+    assert "tools" not in translate(tools=[{"type": "file_search", "vector_store_ids": []}], tool_choice="auto")
+
+
+def test_text_format_becomes_response_format() -> None:
+    assert translate(text={"format": {"type": "text"}}).get("response_format") is None
+    assert translate(text={"format": {"type": "json_object"}})["response_format"] == {"type": "json_object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = translate(text={"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}})
+    assert chat["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "thing", "schema": schema, "strict": True},
+    }
+
+
+def test_streaming_asks_for_usage() -> None:
+    chat = translate(stream=True)
+    assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
+
+
+def test_unknown_fields_are_ignored() -> None:
+    chat = translate(
+        store=True, reasoning={"effort": "high"}, include=["reasoning.encrypted_content"], truncation="auto"
+    )
+    assert chat["messages"] == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stateless"),
+        ({"input": "x", "conversation": "conv_1"}, "conversation", "stateless"),
+        ({"input": "x", "background": True}, "background", "background"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "stateless"),
+        ({"input": [{"type": "computer_call_output", "call_id": "x"}]}, "input.0", "'computer_call_output'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, None, "input_file"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, None, "file_id"),
+        ({"input": "x", "tool_choice": "sometimes", "tools": [WEATHER_TOOL]}, "tool_choice", "sometimes"),
+        ({"input": "x", "tool_choice": {"type": "web_search"}, "tools": [WEATHER_TOOL]}, "tool_choice", "web_search"),
+        ({"input": "x", "tools": [{"type": "function"}]}, "tools.0", "needs a 'name'"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
+        ({}, "input", "Field required"),
+    ],
+)
+def test_refusals_are_clear_400s(fields: dict[str, Any], param: str | None, fragment: str) -> None:
+    error = rejected(**fields)
+    assert fragment in error.message
+    if param:
+        assert error.param == param
+    assert error.openai_body()["error"]["type"] == "invalid_request_error"
+
+
+def test_image_in_function_output_is_refused() -> None:
+    output = [{"type": "input_image", "image_url": "https://x/y.png"}]
+    error = rejected(input=[{"type": "function_call_output", "call_id": "c", "output": output}])
+    assert "text only" in error.message
+
+
+# ------------------------------------------------------------------------------ whole replies
+
+
+def chat_completion(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-9",
+        "created": 1700000000,
+        "model": "neuron",
+        "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25},
+    }
+
+
+def test_text_response_object() -> None:
+    req = parse_responses_request({"model": "alias", "input": "hi", "instructions": "sys", "metadata": {"k": "v"}})
+    response = to_response(chat_completion({"content": "Hello"}), req, response_id="resp_1")
+    parsed = assert_response(response)
+    assert parsed.output_text == "Hello"
+    assert response["id"] == "resp_1" and response["object"] == "response" and response["status"] == "completed"
+    assert response["model"] == "alias" and response["instructions"] == "sys" and response["metadata"] == {"k": "v"}
+    assert response["usage"]["input_tokens"] == 20 and response["usage"]["output_tokens"] == 5
+    assert response["usage"]["total_tokens"] == 25
+    assert response["output"][0]["id"].startswith("msg_")
+
+
+def test_function_call_items() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi", "tools": [WEATHER_TOOL]})
+    reply = chat_completion(
+        {
+            "content": None,
+            "reasoning_content": "need weather",
+            "tool_calls": [{"id": "call_7", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+        },
+        finish="tool_calls",
+    )
+    response = to_response(reply, req)
+    assert_response(response)
+    kinds = [item["type"] for item in response["output"]]
+    assert kinds == ["reasoning", "function_call"]
+    call = response["output"][1]
+    assert (call["call_id"], call["name"], call["arguments"], call["status"]) == (
+        "call_7",
+        "weather",
+        "{}",
+        "completed",
+    )
+    assert call["id"].startswith("fc_")
+    assert response["tools"][0]["name"] == "weather"
+
+
+def test_length_makes_an_incomplete_response() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi", "max_output_tokens": 5})
+    response = to_response(chat_completion({"content": "trunc"}, finish="length"), req)
+    assert_response(response)
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def stream_events(chunks: list[dict[str, Any]], **fields: Any) -> list[tuple[str, dict[str, Any]]]:
+    req = parse_responses_request({"model": "m", "input": "hi", **fields})
+    stream = ResponsesStream(req, response_id="resp_s")
+    events = stream.start()
+    for item in chunks:
+        events += stream.feed(item)
+    events += stream.finish()
+    for name, data in events:
+        assert_responses_event(name, data)
+    return events
+
+
+def test_text_stream_sequence() -> None:
+    events = stream_events(
+        [
+            chunk({"role": "assistant", "content": ""}),
+            chunk({"content": "Hel"}),
+            chunk({"content": "lo"}),
+            chunk({}, "stop"),
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        ]
+    )
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert events[6][1]["text"] == "Hello"
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed" and final["usage"]["total_tokens"] == 5
+    assert final["output"][0]["content"][0]["text"] == "Hello"
+    assert events[0][1]["response"]["status"] == "in_progress" and events[0][1]["response"]["output"] == []
+
+
+def test_function_call_stream_sequence() -> None:
+    head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}
+    events = stream_events(
+        [
+            chunk({"tool_calls": [head]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+            chunk({"tool_calls": [{"index": 1, "id": "call_2", "function": {"name": "weather", "arguments": "{}"}}]}),
+            chunk({}, "tool_calls"),
+        ],
+        tools=[WEATHER_TOOL],
+    )
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[5][1]["arguments"] == '{"city":"Oslo"}'
+    outputs = events[-1][1]["response"]["output"]
+    assert [(o["call_id"], o["arguments"]) for o in outputs] == [("call_1", '{"city":"Oslo"}'), ("call_2", "{}")]
+    assert [o["id"] for o in outputs] == [events[2][1]["item"]["id"], events[7][1]["item"]["id"]]
+
+
+def test_reasoning_then_text_stream() -> None:
+    events = stream_events([chunk({"reasoning_content": "hmm"}), chunk({"content": "yes"}), chunk({}, "stop")])
+    names = [name for name, _ in events]
+    assert names[2:9] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+    ]
+    assert [o["type"] for o in events[-1][1]["response"]["output"]] == ["reasoning", "message"]
+
+
+def test_length_stream_ends_incomplete() -> None:
+    events = stream_events([chunk({"content": "a"}), chunk({}, "length")])
+    assert events[-1][0] == "response.incomplete"
+    assert events[-1][1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_failure_mid_stream() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi"})
+    stream = ResponsesStream(req)
+    events = stream.start() + stream.feed(chunk({"content": "par"}))
+    events += stream.fail(ApiError(503, "model is recovering", code="model_recovering"))
+    for name, data in events:
+        assert_responses_event(name, data)
+    assert events[-2][1] == {
+        "type": "error",
+        "sequence_number": events[-2][1]["sequence_number"],
+        "code": "model_recovering",
+        "message": "model is recovering",
+        "param": None,
+    }
+    failed = events[-1][1]["response"]
+    assert events[-1][0] == "response.failed" and failed["status"] == "failed"
+    assert failed["error"] == {"code": "server_error", "message": "model is recovering"}
+    assert stream.finish() == [] and stream.fail(ApiError(500, "again")) == []
+
+
+def test_interleaved_function_arguments_fail_loudly() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi"})
+    stream = ResponsesStream(req)
+    stream.feed(chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": "{"}}]}))
+    stream.feed(chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}]}))
+    with pytest.raises(ApiError):
+        stream.feed(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}))

@@ -1,0 +1,116 @@
+"""The internal API dialect routes build on (gateway/upstream.py), driven in-process over fake neurons."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from cortex.core.catalogue import Catalogue, CatalogueModel
+from cortex.core.errors import ApiError
+from cortex.core.gateway_config import GatewayConfig, fleet_config_from
+from cortex.gateway.runtime import Gateway
+from tests.gateway.conftest import StartFake, fake_log, metric_value
+from tests.support.gateway_procs import eventually
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def gateway(start_fake: StartFake) -> AsyncIterator[tuple[Gateway, Any]]:
+    neuron = start_fake("a", devices=[{"vram_total_mb": 10000}], preloaded=["m"], load_delay_s=0.6)
+    config = GatewayConfig.model_validate(
+        {
+            "gateway": {"keepalive_interval_s": 0.1, "metrics_listen": None},
+            "poll": {"interval_s": 0.2},
+            "load": {"poll_interval_s": 0.05, "preload_pinned": False},
+            "neurons": [{"name": "a", "endpoint": neuron.url}],
+        }
+    )
+    catalogue = Catalogue(models=[CatalogueModel(id="m"), CatalogueModel(id="cold")], aliases={"alias": "m"})
+    gw = Gateway(fleet_config_from(config, catalogue))
+    await gw.start()
+    try:
+        yield gw, neuron
+    finally:
+        await gw.stop()
+
+
+async def test_chat_returns_the_parsed_reply_and_records_metrics(gateway) -> None:
+    gw, neuron = gateway
+    reply = await gw.upstream.chat({"model": "alias", "messages": MESSAGES}, request_id="r-1", route="/v1/messages")
+    assert reply["choices"][0]["message"]["content"] == "hello from a"
+    assert fake_log(neuron)["requests"][-1] == {
+        "model": "m",
+        "stream": False,
+        "stream_options": None,
+        "request_id": "r-1",
+        "path": "/v1/chat/completions",
+    }
+    await asyncio.sleep(0.01)  # metrics are published just after the request ends
+    text = gw.metrics.render().decode()
+    assert metric_value(text, "cortex_requests_total", model="m", node="a") == 1
+    assert metric_value(text, "cortex_completion_tokens_total", model="m", node="a") == 5
+
+
+async def test_stream_chat_yields_chunk_dicts_and_the_usage_chunk(gateway) -> None:
+    gw, neuron = gateway
+    async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES}) as chunks:
+        received = [chunk async for chunk in chunks]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in received if c["choices"]) == (
+        "tok0 tok1 tok2 tok3 tok4 "
+    )
+    assert received[-1]["choices"] == []
+    assert received[-1]["usage"]["completion_tokens"] == 5
+    assert fake_log(neuron)["requests"][-1]["stream_options"] == {"include_usage": True}
+
+
+async def test_keepalive_is_called_while_a_cold_load_runs(gateway) -> None:
+    gw, _ = gateway
+    pings: list[int] = []
+
+    async def keepalive() -> None:
+        pings.append(1)
+
+    async with gw.upstream.stream_chat({"model": "cold", "messages": MESSAGES}, keepalive=keepalive) as chunks:
+        assert [c async for c in chunks]
+    assert len(pings) >= 3  # once at the start, then every 0.1 s of a 0.6 s load
+    pings.clear()
+    await gw.upstream.chat({"model": "cold", "messages": MESSAGES}, keepalive=keepalive)
+    assert pings == []  # loaded now: no wait, no keep-alive
+
+
+async def test_failures_are_api_errors_with_the_right_status(gateway) -> None:
+    gw, _ = gateway
+    with pytest.raises(ApiError) as err:
+        await gw.upstream.chat({"model": "nope", "messages": MESSAGES})
+    assert (err.value.status, err.value.code) == (404, "model_not_found")
+    with pytest.raises(ApiError) as err:
+        await gw.upstream.chat({"model": "m", "messages": MESSAGES, "fake": {"status": 429}})
+    assert (err.value.status, err.value.code, err.value.retry_after) == (429, "scripted", 3.0)
+    assert err.value.anthropic_body()["error"]["type"] == "rate_limit_error"
+    with pytest.raises(ApiError) as err:
+        async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES, "fake": {"die_after": 2}}) as chunks:
+            async for _ in chunks:
+                pass
+    assert (err.value.status, err.value.code) == (502, "stream_interrupted")
+    await asyncio.sleep(0.01)  # metrics are published just after the request ends
+    text = gw.metrics.render().decode()
+    assert metric_value(text, "cortex_errors_total", model="m", node="a", type="stream_interrupted") == 1
+
+
+async def test_leaving_a_stream_early_cancels_the_generation(gateway) -> None:
+    gw, neuron = gateway
+    async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES, "fake": {"hang_after": 1}}) as chunks:
+        async for _ in chunks:
+            break
+    await eventually(lambda: fake_log(neuron)["cancelled"] == 1)
+    assert gw.state.replica("m", "a").in_flight == 0  # the lease was released
+
+
+async def test_post_reaches_any_neuron_route_for_the_routed_model(gateway) -> None:
+    gw, _ = gateway
+    counted = await gw.upstream.post("alias", "/v1/chat/tokenize", {"messages": MESSAGES * 2})
+    assert counted == {"prompt_tokens": 14}

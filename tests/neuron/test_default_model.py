@@ -1,0 +1,64 @@
+"""End to end with the real SmolLM2-135M-Instruct GGUF: `neuron serve` with no config answers correctly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cortex.neuron.default_model import DEFAULT_MODEL_ID
+from tests.support.procs import Daemon, free_port, spawn, wait_http, wait_model_status
+from tests.support.sse import sse_events
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def default_neuron(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """Exactly what a user runs: no config file at all."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("default") / "neuron.log"
+    args = [sys.executable, "-m", "cortex.cli.neuron_cmd", "serve", "--listen", f"127.0.0.1:{port}"]
+    proc = spawn(args, log_path)
+    daemon = Daemon(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_http(f"{daemon.url}/version", proc, log_path)
+        wait_model_status(daemon.url, DEFAULT_MODEL_ID, timeout=300)
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+async def test_answers_capital_of_france(default_neuron: Daemon) -> None:
+    body = {"model": DEFAULT_MODEL_ID, "messages": QUESTION, "max_tokens": 30}
+    async with aiohttp.ClientSession() as http, http.post(f"{default_neuron.url}/v1/chat/completions", json=body) as r:
+        reply = await r.json()
+    assert r.status == 200, reply
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+    assert reply["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_streamed_answer_matches(default_neuron: Daemon) -> None:
+    body = {"model": DEFAULT_MODEL_ID, "messages": QUESTION, "max_tokens": 30, "stream": True, "temperature": 0}
+    async with aiohttp.ClientSession() as http, http.post(f"{default_neuron.url}/v1/chat/completions", json=body) as r:
+        events = await sse_events(r)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert "Paris" in text
+
+
+def test_curl_from_the_readme(default_neuron: Daemon) -> None:
+    """The README's curl command, as a new user would type it."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    data = readme.split("-d '", 1)[1].split("'", 1)[0]
+    out = subprocess.run(
+        ["curl", "-s", f"{default_neuron.url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", data],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "Paris" in out.stdout

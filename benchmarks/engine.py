@@ -10,8 +10,9 @@ Measures, for both sides where it applies:
 - aggregate tok/s with 1, 4 and 8 concurrent streams (engine) vs the same requests run one after
   another with generate() (serial).
 EOS is ignored on both sides so every run produces exactly N tokens. Each round measures both sides
-back to back; figures are medians over rounds, and each ratio is the median of the per-round ratios,
-so a busy neighbour on a shared machine shifts both sides of a ratio alike.
+back to back (first-token times alternately, five each); figures are medians over rounds, and each
+ratio is the median of the per-round ratios (paired), so a busy neighbour on a shared machine shifts
+both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ QUESTIONS = [
     "How do vaccines train the immune system?",
     "Give me a recipe for pancakes, with quantities.",
 ]
+FIRST_TOKEN_SAMPLES = 5
 QWEN3_SHAPES = {
     "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16},
     "qwen3-8b": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32},
@@ -115,17 +117,14 @@ class Baseline:
         assert out.shape[1] == len(prompt) + new_tokens
         return elapsed
 
-    def measure(self, prompt_ids: list[list[int]], new_tokens: int) -> dict[str, float]:
-        first = self.timed(prompt_ids[0], 1)
+    def measure(self, prompt_ids: list[list[int]], new_tokens: int, first: float, streams: list[int]) -> dict[str, Any]:
         full = self.timed(prompt_ids[0], new_tokens)
-        serial_started = time.perf_counter()
-        for prompt in prompt_ids:
-            self.timed(prompt, new_tokens)
-        serial = time.perf_counter() - serial_started
+        # Serial: the requests the engine serves concurrently, one after another (same prompts, same order).
+        times = [self.timed(prompt_ids[i % len(prompt_ids)], new_tokens) for i in range(max(streams))]
         return {
             "prefill_s": first,
             "decode_tok_s": (new_tokens - 1) / (full - first),
-            "serial_tok_s": len(prompt_ids) * new_tokens / serial,
+            "serial_tok_s": {str(k): k * new_tokens / sum(times[:k]) for k in streams},
         }
 
 
@@ -140,9 +139,8 @@ async def engine_request(model: LoadedModel, prompt: list[int], new_tokens: int)
 
 
 async def engine_measure(
-    model: LoadedModel, prompt_ids: list[list[int]], new_tokens: int, streams: list[int]
+    model: LoadedModel, prompt_ids: list[list[int]], new_tokens: int, streams: list[int], first: float
 ) -> dict[str, Any]:
-    first, _ = await engine_request(model, prompt_ids[0], 1)
     full, finished = await engine_request(model, prompt_ids[0], new_tokens)
     aggregate = {}
     for count in streams:
@@ -158,13 +156,17 @@ async def engine_measure(
     }
 
 
+async def first_token_times(baseline: Baseline, model: LoadedModel, prompt: list[int]) -> tuple[float, float]:
+    """Median time to one token, each side sampled alternately: a single prefill is too short to time once."""
+    theirs, ours = [], []
+    for _ in range(FIRST_TOKEN_SAMPLES):
+        theirs.append(baseline.timed(prompt, 1))
+        ours.append((await engine_request(model, prompt, 1))[0])
+    return statistics.median(theirs), statistics.median(ours)
+
+
 def median_of(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
-
-
-def paired_ratio(baseline: list[dict[str, Any]], engine: list[dict[str, Any]], ours: Any, theirs: str) -> float:
-    """Median over rounds of ours/theirs measured back to back: drift on a shared machine cancels out."""
-    return statistics.median(ours(e) / b[theirs] for b, e in zip(baseline, engine, strict=True))
 
 
 async def main() -> None:
@@ -188,27 +190,35 @@ async def main() -> None:
     try:
         model = await engine.adopt("bench", device, lambda: (module, tokenizer))
         for _ in range(args.repeats):
-            baseline_rounds.append(baseline.measure(prompt_ids, new_tokens))
-            engine_rounds.append(await engine_measure(model, prompt_ids, new_tokens, streams))
+            theirs, ours = await first_token_times(baseline, model, prompt_ids[0])
+            baseline_rounds.append(baseline.measure(prompt_ids, new_tokens, theirs, streams))
+            engine_rounds.append(await engine_measure(model, prompt_ids, new_tokens, streams, ours))
     finally:
         engine.close()
 
-    generate = {key: median_of(baseline_rounds, key) for key in ("prefill_s", "decode_tok_s", "serial_tok_s")}
+    generate = {
+        "prefill_s": median_of(baseline_rounds, "prefill_s"),
+        "decode_tok_s": median_of(baseline_rounds, "decode_tok_s"),
+        "serial_tok_s": {
+            k: statistics.median(r["serial_tok_s"][k] for r in baseline_rounds) for k in map(str, streams)
+        },
+    }
     ours = {
         "ttft_s": median_of(engine_rounds, "ttft_s"),
         "decode_tok_s": median_of(engine_rounds, "decode_tok_s"),
         "decode_tok_s_reported": median_of(engine_rounds, "decode_tok_s_reported"),
         "aggregate_tok_s": {
-            s: statistics.median(r["aggregate_tok_s"][s] for r in engine_rounds) for s in map(str, streams)
+            k: statistics.median(r["aggregate_tok_s"][k] for r in engine_rounds) for k in map(str, streams)
         },
     }
+    pairs = list(zip(baseline_rounds, engine_rounds, strict=True))
     ratios = {
-        "decode_vs_generate": paired_ratio(baseline_rounds, engine_rounds, lambda e: e["decode_tok_s"], "decode_tok_s"),
-        "ttft_vs_generate_prefill": paired_ratio(baseline_rounds, engine_rounds, lambda e: e["ttft_s"], "prefill_s"),
+        "decode_vs_generate": statistics.median(e["decode_tok_s"] / b["decode_tok_s"] for b, e in pairs),
+        "ttft_vs_generate_prefill": statistics.median(e["ttft_s"] / b["prefill_s"] for b, e in pairs),
     }
-    for count in map(str, streams):
-        ratios[f"aggregate_{count}_vs_serial_generate"] = paired_ratio(
-            baseline_rounds, engine_rounds, lambda e, c=count: e["aggregate_tok_s"][c], "serial_tok_s"
+    for k in map(str, streams):
+        ratios[f"aggregate_{k}_vs_serial_generate"] = statistics.median(
+            e["aggregate_tok_s"][k] / b["serial_tok_s"][k] for b, e in pairs
         )
     report = {
         "model": description,

@@ -6,7 +6,11 @@ the neuron contract), side by side in one run:
 - added latency at concurrency 1: p50/p99 through the gateway minus p50/p99 direct (`wrk --latency`);
 - requests/s at concurrency 32 with the gateway pinned to one core (`taskset -c 0`), and direct;
 - added time to the first streamed byte: a stream's first `data:` event, through the gateway vs
-  direct (a raw-socket client, one request at a time — wrk only sees whole responses).
+  direct (a raw-socket client, one request at a time — wrk only sees whole responses); once for
+  streams sent at once, once for streams that pause 20 ms after their first event (then every
+  process has gone idle before the next request, and waking idle vCPUs is part of the cost);
+- CPU time the gateway process spends per request (from /proc), which bounds one core's rate
+  even when other work on the machine disturbs the wall-clock figures.
 
 The upstream, wrk and the first-byte client share the other core, so the gateway's core is its own.
 Needs `wrk` (Debian: apt-get install wrk) and `taskset` (util-linux).
@@ -35,7 +39,10 @@ from typing import Any
 MODEL = "bench"
 CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
 STREAM_BODY = json.dumps({**json.loads(CHAT_BODY), "stream": True})
-STREAM_GAP_S = 0.02  # the upstream holds the rest of a stream this long after its first event
+# The same with a pause: the upstream holds the rest of the stream this long after its first event,
+# as a model does between tokens. Every process on the path has then gone idle before the next request.
+PAUSED_STREAM_BODY = json.dumps({**json.loads(STREAM_BODY), "bench_pause": True})
+STREAM_GAP_S = 0.02
 
 # ---- the fixed-response upstream -------------------------------------------------------------------
 _REPLY = json.dumps(
@@ -112,7 +119,10 @@ class Upstream(asyncio.Protocol):
         if path == b"/v1/chat/completions":
             if b'"stream":true' in body.replace(b" ", b""):
                 self.transport.write(_STREAM_HEAD + _STREAM_FIRST)
-                asyncio.get_running_loop().call_later(STREAM_GAP_S, self._finish_stream)
+                if b"bench_pause" in body:
+                    asyncio.get_running_loop().call_later(STREAM_GAP_S, self._finish_stream)
+                else:
+                    self._finish_stream()
                 return
             payload = _REPLY
         else:
@@ -171,9 +181,9 @@ def run_wrk(url: str, connections: int, seconds: int, lua: Path, cpu: str) -> di
     return result
 
 
-def first_byte_ms(host: str, port: int, requests: int) -> dict[str, float]:
+def first_byte_ms(host: str, port: int, requests: int, body_text: str = STREAM_BODY) -> dict[str, float]:
     """Time from sending a streaming request to receiving its first `data:` event, one at a time."""
-    body = STREAM_BODY.encode()
+    body = body_text.encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -197,11 +207,7 @@ def first_byte_ms(host: str, port: int, requests: int) -> dict[str, float]:
 def _write_lua(directory: Path) -> Path:
     lua = directory / "post.lua"
     body = CHAT_BODY.replace("\\", "\\\\").replace('"', '\\"')
-    lua.write_text(
-        'wrk.method = "POST"\n'
-        f'wrk.body = "{body}"\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    lua.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
     return lua
 
 
@@ -231,16 +237,15 @@ def main() -> None:
         upstream_port, gateway_port = free_port(), free_port()
         procs = []
         try:
-            procs.append(
-                subprocess.Popen(["taskset", "-c", other_cpu, sys.executable, __file__, "--upstream", str(upstream_port)])
-            )
+            upstream_cmd = [sys.executable, __file__, "--upstream", str(upstream_port)]
+            procs.append(subprocess.Popen(["taskset", "-c", other_cpu, *upstream_cmd]))
             wait_http(f"http://127.0.0.1:{upstream_port}/version")
             cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
             gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
             log = (directory / "gateway.log").open("wb")
             procs.append(subprocess.Popen(["taskset", "-c", gateway_cpu, *gateway_cmd], stdout=log, stderr=log))
             wait_http(f"http://127.0.0.1:{gateway_port}/health")
-            result = measure(args, directory, upstream_port, gateway_port, other_cpu)
+            result = measure(args, directory, upstream_port, gateway_port, other_cpu, procs[-1].pid)
             result["setup"] = {
                 "gateway_cpu": gateway_cpu,
                 "upstream_wrk_and_client_cpu": other_cpu,
@@ -265,7 +270,15 @@ def _loop_name() -> str:
     return "uvloop"
 
 
-def measure(args: argparse.Namespace, directory: Path, upstream_port: int, gateway_port: int, cpu: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    args: argparse.Namespace, directory: Path, upstream_port: int, gateway_port: int, cpu: str, gateway_pid: int
+) -> dict:
     lua = _write_lua(directory)
     direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
     gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
@@ -274,9 +287,14 @@ def measure(args: argparse.Namespace, directory: Path, upstream_port: int, gatew
     direct1 = run_wrk(direct_url, 1, args.seconds, lua, cpu)
     gateway1 = run_wrk(gateway_url, 1, args.seconds, lua, cpu)
     direct32 = run_wrk(direct_url, 32, args.seconds, lua, cpu)
+    cpu_before = cpu_seconds(gateway_pid)
     gateway32 = run_wrk(gateway_url, 32, args.seconds, lua, cpu)
+    # CPU the gateway spent per request: robust to other load on the machine, it bounds one core's rate.
+    cpu_per_request = (cpu_seconds(gateway_pid) - cpu_before) / max(1.0, gateway32["rps"] * args.seconds)
     fb_direct = first_byte_ms("127.0.0.1", upstream_port, args.first_byte_requests)
     fb_gateway = first_byte_ms("127.0.0.1", gateway_port, args.first_byte_requests)
+    paused_direct = first_byte_ms("127.0.0.1", upstream_port, args.first_byte_requests // 2, PAUSED_STREAM_BODY)
+    paused_gateway = first_byte_ms("127.0.0.1", gateway_port, args.first_byte_requests // 2, PAUSED_STREAM_BODY)
     r = lambda x: round(x, 3)  # noqa: E731
     return {
         "latency_c1_ms": {
@@ -289,12 +307,21 @@ def measure(args: argparse.Namespace, directory: Path, upstream_port: int, gatew
             "direct": round(direct32["rps"]),
             "gateway_one_core": round(gateway32["rps"]),
             "gateway_p99_ms": r(gateway32["p99_ms"]),
+            "gateway_cpu_us_per_request": round(cpu_per_request * 1e6, 1),
+            "gateway_one_core_rps_from_cpu_time": round(1 / cpu_per_request) if cpu_per_request else None,
             "gateway_non_2xx": int(gateway32["non_2xx"]),
         },
         "stream_first_byte_ms": {
             "direct": {"p50": r(fb_direct["p50_ms"]), "p99": r(fb_direct["p99_ms"])},
             "gateway": {"p50": r(fb_gateway["p50_ms"]), "p99": r(fb_gateway["p99_ms"])},
             "added_p50": r(fb_gateway["p50_ms"] - fb_direct["p50_ms"]),
+        },
+        # Streams that pause 20 ms after their first event, so every process on the path idles
+        # between requests: adds the cost of waking idle vCPUs (one more process hop: more wake-ups).
+        "stream_first_byte_after_idle_ms": {
+            "direct": {"p50": r(paused_direct["p50_ms"]), "p99": r(paused_direct["p99_ms"])},
+            "gateway": {"p50": r(paused_gateway["p50_ms"]), "p99": r(paused_gateway["p99_ms"])},
+            "added_p50": r(paused_gateway["p50_ms"] - paused_direct["p50_ms"]),
         },
         "targets": {
             "added_p50_ms_max": 0.5,

@@ -116,7 +116,7 @@ def test_pinned_and_busy_models_are_never_evicted() -> None:
     state = fleet(a=[12000])
     put(state, "a", "pinned", 4000, last_used=1.0)
     put(state, "a", "ours-in-flight", 4000, last_used=2.0, in_flight=1)
-    put(state, "a", "theirs-queued", 4000, last_used=3.0, polled_queue_depth=2)
+    put(state, "a", "theirs-queued", 4000, last_used=3.0, others_in_flight=2)
     with pytest.raises(NoPlacement) as err:
         plan(state, spec("new"), LRU, spec("pinned", pinned_on=["a"]))
     assert not err.value.infeasible
@@ -163,6 +163,8 @@ def test_reservations_of_running_loads_count_as_used() -> None:
     state = fleet(a=[10000], b=[8000])
     state.nodes["a"].reservations["other"] = Reservation([0], 6000)
     assert plan(state, spec("new")).node.name == "b"
+    state.nodes["b"].reservations["new"] = Reservation([0], 4000)  # "new" itself is being loaded on b
+    assert plan(state, spec("new")).node.name == "a"
 
 
 def test_unhealthy_nodes_and_nodes_already_holding_the_model_are_skipped() -> None:

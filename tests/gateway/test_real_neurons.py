@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.conftest import StartGateway, chat, chat_body, metric_value, models_toml
+from tests.gateway.conftest import StartGateway, chat, chat_body, metric_value, models_toml, replica_nodes
 from tests.gateway.test_streaming import read_events
 from tests.support.gateway_procs import GatewayDaemon, eventually, wait_until
 from tests.support.procs import Daemon, free_port, get_json, run_neuron, wait_http
@@ -107,8 +107,7 @@ async def test_least_busy_spreads_requests_over_replicas(
     for node in ("a", "b"):
         async with http.post(f"{gateway.url}/admin/load", json={"model": "t1", "node": node}) as resp:
             assert resp.status == 202
-    await eventually(lambda: all(models_on(d) == {"t1": "loaded"} for d in neurons.values()))
-    await asyncio.sleep(0.3)  # the gateway's next poll sees both loaded
+    await eventually(lambda: replica_nodes(gateway, "t1") == {"a": "loaded", "b": "loaded"})
     before = {name: admitted(d, "t1") for name, d in neurons.items()}
     for _ in range(4):
         assert (await chat(http, gateway, "t1", max_tokens=2))[0] == 200
@@ -164,7 +163,7 @@ async def test_pinned_models_load_by_themselves_and_are_never_evicted(
     b = neurons["b"]
     catalogue = tiny_catalogue(tiny_model, "t1", "t2", t1={"pinned_on": ["b"]})
     gateway = start_gateway({"b": b}, catalogue, preload_pinned=True)
-    await eventually(lambda: models_on(b) == {"t1": "loaded"})
+    await eventually(lambda: models_on(b) == {"t1": "loaded"} and gateway.state()["loads"] == [])
     status, body, _ = await chat(http, gateway, "t2", max_tokens=2)
     assert (status, body["error"]["code"]) == (503, "no_capacity")
     assert "t1 is pinned" in body["error"]["message"]
@@ -197,9 +196,12 @@ async def test_recovering_model_gets_503_without_a_duplicate_load(
         seen.append((status, headers.get("Retry-After")))
         if status == 200:
             break
+        await asyncio.sleep(0.05)
     assert any(s == 503 and retry for s, retry in seen), seen
+    # Refused by the gateway itself (no node chosen), from the status it polled:
+    assert "node=- stream=False" in gateway.log() and "error=model_recovering" in gateway.log()
     assert models_on(neurons["b"]) == {}  # never loaded a second copy while a recovered
-    await eventually(lambda: models_on(a) == {"t1": "loaded"})
+    await eventually(lambda: replica_nodes(gateway, "t1") == {"a": "loaded"})  # the gateway's view, one poll later
     assert (await chat(http, gateway, "t1", max_tokens=2))[0] == 200
 
 

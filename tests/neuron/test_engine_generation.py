@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -165,6 +166,25 @@ async def test_bad_parameters_are_engine_errors(model: LoadedModel) -> None:
             async for _ in model.generate(request):
                 pass
     assert not model.poisoned and (await run(model, ids)).finished.reason in ("stop", "length")
+
+
+async def test_an_engine_error_in_a_forward_fails_only_its_request(
+    model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, bad = prompt(model, "fine"), prompt(model, "this one is rejected " * 5)
+    runner = model._scheduler.runner
+    assert runner is not None
+    forward = runner.last_logits
+
+    def refuse_bad_prompt(input_ids: Any, cache: Any) -> Any:
+        if input_ids.shape[1] == len(bad):
+            raise EngineError("rejected by the model")
+        return forward(input_ids, cache)
+
+    monkeypatch.setattr(runner, "last_logits", refuse_bad_prompt)
+    outcomes = await asyncio.gather(run(model, good), run(model, bad), return_exceptions=True)
+    assert isinstance(outcomes[0], Result) and isinstance(outcomes[1], EngineError)
+    assert not model.poisoned and model.in_flight == 0
 
 
 async def test_closing_the_stream_frees_the_slot_within_a_few_steps(model: LoadedModel) -> None:

@@ -90,14 +90,14 @@ async def test_bad_device_and_dtype(engine: Engine, tiny_model: Path) -> None:
 
 async def test_load_reports_progress_and_measured_info(engine: Engine, tiny_model: Path) -> None:
     stages: list[tuple[float, str]] = []
-    model = await engine.load(
-        local(tiny_model, context_length=256, dtype="bfloat16"), lambda f, s: stages.append((f, s))
-    )
+    spec = local(tiny_model, context_length=256, dtype="bfloat16", device="CPU")  # device names are normalised
+    model = await engine.load(spec, lambda f, s: stages.append((f, s)))
     fractions = [f for f, _ in stages]
     assert fractions == sorted(fractions) and stages[-1] == (1.0, "loaded")
     assert {"resolving", "reading weights", "warming up"} <= {s for _, s in stages}
     info = model.info
     assert (info.context_length, info.dtype, info.architecture) == (256, "bfloat16", "LlamaForCausalLM")
+    assert info.device == "cpu"
     module = model._scheduler.runner.module  # type: ignore[union-attr]
     weights = sum(p.numel() for p in module.parameters()) * 2  # bf16; tied embeddings listed (and counted) once
     assert info.memory_bytes == weights + sum(b.nbytes for b in module.buffers())
@@ -137,6 +137,18 @@ async def test_unload_ends_running_streams_as_cancelled(engine: Engine, tiny_mod
     assert not model.module_alive and model.in_flight == 0
 
 
+async def test_closing_the_engine_fails_running_streams(tiny_model: Path) -> None:
+    engine = Engine(["cpu"])
+    model = await engine.load(local(tiny_model))
+    endless = SamplingParams(max_new_tokens=100_000, temperature=0, ignore_eos=True)
+    stream = model.generate(GenerationRequest("c", model.render_chat([{"role": "user", "content": "go"}]), endless))
+    await anext(stream)
+    engine.close()
+    with pytest.raises(EngineError, match="shutting down"):
+        async for _ in stream:
+            pass
+
+
 async def test_adopt_serves_an_in_process_module(engine: Engine, tiny_model: Path) -> None:
     def build() -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,6 +167,7 @@ async def test_tool_template_model_reports_hermes(engine: Engine, tiny_tool_mode
     messages = [{"role": "user", "content": "find it"}]
     assert model.count_chat_tokens(messages, tools) > model.count_chat_tokens(messages)
     assert model.tool_parser().tool_format == "hermes"
+    assert model.sampling_defaults() == {"temperature": 0.0}  # its generation_config does not sample
     await engine.unload(model)
 
 

@@ -82,3 +82,15 @@ def test_frequency_and_presence_penalties_follow_openai() -> None:
 def test_invalid_parameters(params: dict[str, object]) -> None:
     with pytest.raises(EngineError):
         validate_sampling(SamplingParams(**{"max_new_tokens": 4, **params}))  # type: ignore[arg-type]
+
+
+def test_sampling_defaults_come_from_generation_config() -> None:
+    from types import SimpleNamespace
+
+    from cortex.neuron.engine.engine import generation_defaults
+
+    greedy = SimpleNamespace(generation_config=SimpleNamespace(do_sample=False, temperature=0.7))
+    assert generation_defaults(greedy) == {"temperature": 0.0}
+    assert generation_defaults(SimpleNamespace()) == {"temperature": 0.0}
+    sampling = SimpleNamespace(generation_config=SimpleNamespace(do_sample=True, temperature=0.6, top_p=0.95, top_k=20))
+    assert generation_defaults(sampling) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}

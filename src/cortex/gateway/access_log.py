@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 from cortex.core.logs import request_id_var
 
 LOGGER = "cortex.gateway.access"
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:@+[]")
+_PLAIN = re.compile(r"[A-Za-z0-9_./:@+\[\]-]+").fullmatch
 
 
 def _value(text: str) -> str:
-    if text and all(c in _PLAIN for c in text):
+    if _PLAIN(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 

@@ -69,7 +69,7 @@ def fleet_snapshot(gw: Gateway) -> dict[str, Any]:
         "nodes": [_node(gw, node, now) for node in gw.state.nodes.values()],
         "loads": [
             {"model": job.model_id, "node": job.node, "phase": job.phase, "elapsed_s": round(now - job.started, 1)}
-            for job in gw.loader.jobs.values()
+            for job in gw.loader.jobs
         ],
         "catalogue": [_catalogue_entry(gw, spec) for spec in gw.catalogue.models],
         "aliases": dict(gw.catalogue.aliases),
@@ -115,6 +115,7 @@ def _replica(gw: Gateway, r: Replica, now: float) -> dict[str, Any]:
         "context": r.context,
         "in_flight": r.in_flight,
         "neuron_in_flight": r.polled_in_flight,
+        "others_in_flight": r.others_in_flight,
         "queue_depth": r.polled_queue_depth,
         "last_used_s_ago": round(now - r.last_used, 1) if r.last_used else None,
         "resident_for_s": round(now - r.resident_since, 1) if r.resident_since is not None else None,

@@ -41,6 +41,7 @@ class LoadJob:
     model_id: str
     started: float = field(default_factory=time.monotonic)
     node: str | None = None  # set once placed
+    only_node: str | None = None  # the node an operator asked for
     phase: str = "placing"  # placing → evicting → loading → loaded | failed
     placed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[str] | None = None
@@ -71,24 +72,31 @@ class Loader:
         self.metrics = metrics
         self.config = config
         self.retry_after_s = retry_after_s
-        self.jobs: dict[str, LoadJob] = {}
+        self._jobs: list[LoadJob] = []
         self._placement_lock = asyncio.Lock()
 
-    def job(self, model_id: str) -> LoadJob | None:
-        return self.jobs.get(model_id)
+    @property
+    def jobs(self) -> list[LoadJob]:
+        """Loads running now."""
+        return list(self._jobs)
+
+    def job(self, model_id: str, node: str | None = None) -> LoadJob | None:
+        """A running load of `model_id` (on `node`, when given: placed there or restricted to it)."""
+        for job in self._jobs:
+            if job.model_id == model_id and (node is None or node in (job.node, job.only_node)):
+                return job
+        return None
 
     def load(self, spec: CatalogueModel, node: str | None = None) -> LoadJob:
-        """Start (or join) the single load of `spec`; `node` restricts placement to that node."""
-        job = self.jobs.get(spec.id)
+        """Start or join a load of `spec`: anywhere (any running load of it will do) or on `node`."""
+        job = self.job(spec.id, node)
         if job is not None:
-            if node is not None and job.node not in (None, node):
-                raise ApiError(409, f"'{spec.id}' is already being loaded on '{job.node}'", code="load_in_progress")
             return job
-        return self._start(LoadJob(spec.id), lambda job: self._cold_load(job, spec, node))
+        return self._start(LoadJob(spec.id, only_node=node), lambda job: self._cold_load(job, spec, node))
 
     def follow(self, node: Node, model_id: str) -> LoadJob:
-        """Join a load someone else started (the neuron reports it `loading`)."""
-        job = self.jobs.get(model_id)
+        """Join a load on `node` that someone else started (the neuron reports it `loading`)."""
+        job = self.job(model_id, node.name)
         if job is not None:
             return job
         job = LoadJob(model_id, node=node.name, phase="loading")
@@ -96,7 +104,7 @@ class Loader:
         return self._start(job, lambda job: self._await_loaded(node, model_id, job))
 
     def _start(self, job: LoadJob, work: Callable[[LoadJob], Awaitable[str]]) -> LoadJob:
-        self.jobs[job.model_id] = job
+        self._jobs.append(job)
         job.task = asyncio.create_task(self._run(job, work), name=f"load-{job.model_id}")
         return job
 
@@ -110,8 +118,7 @@ class Loader:
             job.placed.set()  # waiters for placement see the failure through the task
             raise
         finally:
-            if self.jobs.get(job.model_id) is job:
-                del self.jobs[job.model_id]
+            self._jobs.remove(job)
 
     async def _cold_load(self, job: LoadJob, spec: CatalogueModel, only_node: str | None) -> str:
         plan = await self._place(spec, only_node)

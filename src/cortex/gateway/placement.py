@@ -205,6 +205,7 @@ def _last_load_failed(node: Node, model_id: str) -> bool:
 
 
 def _busy_ids(node: Node, model_id: str) -> set[str]:
-    """The model's id when the node already has it in some non-failed state (no second copy there)."""
+    """The model's id when the node has it (not failed) or a load of it is under way there: no second copy."""
     replica = node.replicas.get(model_id)
-    return {model_id} if replica is not None and replica.status != FAILED else set()
+    present = replica is not None and replica.status != FAILED
+    return {model_id} if present or model_id in node.reservations else set()

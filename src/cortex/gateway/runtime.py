@@ -102,7 +102,7 @@ class Gateway:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for job in list(self.loader.jobs.values()):
+        for job in self.loader.jobs:
             if job.task is not None:
                 job.task.cancel()
         await self.session.close()

@@ -56,6 +56,8 @@ class Replica:
     # From the neuron's /health: its own view, which includes other gateways' requests.
     polled_in_flight: int = 0
     polled_queue_depth: int = 0
+    # Requests of others (other gateway replicas) at the last poll: the neuron's count less ours then.
+    others_in_flight: int = 0
     # The gateway's own facts.
     in_flight: int = 0  # requests this gateway has open on this replica right now
     last_used: float = 0.0  # monotonic; 0 = not used since this gateway started
@@ -67,11 +69,11 @@ class Replica:
         return self.status == LOADED and not self.evicting
 
     def busy(self) -> int:
-        """Requests ahead of a new one: ours are exact, the neuron's include other gateways'."""
-        return max(self.in_flight, self.polled_in_flight) + self.polled_queue_depth
+        """Requests ahead of a new one: ours (exact, now) plus others' (as of the last poll)."""
+        return self.in_flight + self.others_in_flight
 
     def has_requests(self) -> bool:
-        return self.in_flight > 0 or self.polled_in_flight > 0 or self.polled_queue_depth > 0
+        return self.in_flight > 0 or self.others_in_flight > 0
 
 
 @dataclass
@@ -206,6 +208,9 @@ class FleetState:
             if replica is not None:
                 replica.polled_in_flight = _int(raw.get("in_flight"))
                 replica.polled_queue_depth = _int(raw.get("queue_depth"))
+                # Ours finish without waiting for the next poll, so only the excess counts as others'.
+                total = replica.polled_in_flight + replica.polled_queue_depth
+                replica.others_in_flight = max(0, total - replica.in_flight)
 
     def apply_models(self, node: Node, models: list[dict[str, Any]], now: float | None = None) -> None:
         """Replace the node's model list; keep the gateway's own facts about models still there."""

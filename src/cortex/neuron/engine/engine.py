@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -63,7 +64,7 @@ class LoadedModel:
         self._unloaded = False
         self._sampling_defaults = generation_defaults(weights.module)
 
-    # Prompt side (cheap, pure Python; the lead may run long renders off the loop with asyncio.to_thread).
+    # Prompt side: pure Python, no torch; callers may run long renders off the loop (a tokenizer thread).
 
     def render_chat(
         self,
@@ -158,6 +159,8 @@ class LoadedModel:
 
     def _release(self) -> int:
         """Worker thread: end all sequences, drop the weights, free memory; bytes freed (measured)."""
+        if self._unloaded:
+            return 0  # a second unload raced the first
         before = cuda_allocated(self.info.device) if is_cuda(self.info.device) else 0
         self._unloaded = True
         self._scheduler.close()
@@ -193,8 +196,8 @@ class Engine:
 
     async def load(self, spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         """Load on the device's worker; raises LoadError(reason, message) and nothing else."""
-        device = normalise_device(spec.device)
-        worker = self._workers.get(device)
+        spec = dataclasses.replace(spec, device=normalise_device(spec.device))
+        worker = self._workers.get(spec.device)
         if worker is None:
             raise LoadError("error", f"device {spec.device!r} is not one of this engine's {self.devices}")
         report = _progress_on_loop(asyncio.get_running_loop(), progress)

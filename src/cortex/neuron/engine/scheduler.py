@@ -164,6 +164,8 @@ class Scheduler:
             self._admit()
             if self._running:
                 self._advance()
+        except Exception as exc:  # e.g. allocating a new sequence's state on the device failed
+            self._poison(exc)
         finally:
             self._post_next_step()
 
@@ -175,8 +177,8 @@ class Scheduler:
         assert self._runner is not None
         while self._waiting and len(self._running) < self._options.max_active:
             sequence = self._waiting.popleft()
+            self._running.append(sequence)  # first, so a failure below still reaches its consumer
             sequence.start(self._runner.new_cache(), self._runner.device, self._tokenizer, self._eos_ids)
-            self._running.append(sequence)
 
     @staticmethod
     def _dropped_if_cancelled(sequence: Sequence) -> bool:
@@ -204,15 +206,20 @@ class Scheduler:
         assert self._runner is not None
         budget = self._options.prefill_chunk
         sampled: list[tuple[Sequence, torch.Tensor]] = []
-        for sequence in self._running:
-            if sequence.prefilling:
-                if budget <= 0:
-                    continue
-                chunk = min(budget, sequence.prompt_tokens - sequence.prefilled)
-                budget -= chunk
-                token = self._prefill(sequence, chunk)
-            else:
-                token = self._decode(sequence)
+        for sequence in list(self._running):
+            try:
+                if sequence.prefilling:
+                    if budget <= 0:
+                        continue
+                    chunk = min(budget, sequence.prompt_tokens - sequence.prefilled)
+                    budget -= chunk
+                    token = self._prefill(sequence, chunk)
+                else:
+                    token = self._decode(sequence)
+            except EngineError as exc:  # this request's fault: it alone fails, nothing is poisoned
+                self._retire(sequence)
+                sequence.deliver(EngineError(str(exc)))
+                continue
             if token is not None:
                 sampled.append((sequence, token))
         return sampled
@@ -242,13 +249,13 @@ class Scheduler:
             events = sequence.accept(token_id, now)
         except Exception as exc:  # a host-side bug for this sequence only: never poison the model for it
             log.exception("request %s: turning tokens into text failed", sequence.request_id)
-            sequence.deliver(EngineError(f"detokenisation failed: {type(exc).__name__}"))
             self._retire(sequence)
+            sequence.deliver(EngineError(f"detokenisation failed: {type(exc).__name__}"))
             return
+        if sequence.output is not None and sequence.output.done:
+            self._retire(sequence)  # before delivering, so in_flight is already down when the consumer sees Finished
         if events:
             sequence.deliver(events)
-        if sequence.output is not None and sequence.output.done:
-            self._retire(sequence)
 
     def _retire(self, sequence: Sequence) -> None:
         sequence.release()

@@ -11,7 +11,7 @@ import pytest
 from tests.support.procs import Daemon, run_neuron, wait_model_status
 
 TINY = "tiny"
-NARROW = "tiny-narrow"  # admission limits of 1 in flight, 1 queued, 2 s wait
+NARROW = "tiny-narrow"  # admission limits of 1 in flight, 1 queued, 0.5 s wait
 FAULTY = "tiny-faulty"  # poisoned on purpose by the fault tests
 TOOLS = "tiny-tools"
 
@@ -29,7 +29,7 @@ max_in_flight = 8
 [admission.models."{NARROW}"]
 max_in_flight = 1
 max_queue_depth = 1
-max_wait_secs = 2
+max_wait_secs = 0.5
 [[default_models]]
 model_id = "{TINY}"
 source = "{tiny}"

@@ -27,7 +27,7 @@ async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
 
 
 async def test_full_queue_gets_429_and_long_wait_503(neuron: Daemon, http: aiohttp.ClientSession) -> None:
-    long = {"model": NARROW, "messages": HELLO, "max_tokens": 800, "temperature": 0, "stream": True}
+    long = {"model": NARROW, "messages": HELLO, "max_tokens": 1000, "temperature": 0, "stream": True}
     running = await http.post(f"{neuron.url}/v1/chat/completions", json=long)  # takes the only slot
     await running.content.readline()
     queued = asyncio.create_task(http.post(f"{neuron.url}/v1/chat/completions", json=long))

@@ -57,6 +57,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
+from yarl import URL
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import log_event, request_id_var
@@ -115,6 +116,7 @@ class Upstream:
         self.router = gateway.router
         self.session = gateway.session
         self.access_log = AccessLog()
+        self._urls: dict[tuple[str, str], URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=gateway.config.gateway.connect_timeout_s)
         self._headers: dict[str, dict[str, str]] = {
             node.name: {"Content-Type": "application/json", **node.auth_headers()}
@@ -220,7 +222,7 @@ class Upstream:
                 headers = {**headers, "x-request-id": request_id}
             try:
                 response = await self.session.post(
-                    node.endpoint + path, data=payload, headers=headers, timeout=self._timeout
+                    self._url(node.endpoint, path), data=payload, headers=headers, timeout=self._timeout
                 )
                 return Exchange(lease, response)
             except CONNECTION_ERRORS as exc:
@@ -235,6 +237,14 @@ class Upstream:
             except BaseException:
                 lease.release()
                 raise
+
+    def _url(self, endpoint: str, path: str) -> URL:
+        """Parsed once per neuron and path: parsing a URL string on every request is measurable."""
+        key = (endpoint, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL(endpoint + path)
+        return url
 
     async def _route(
         self, model_id: str, keepalive: KeepAlive | None, excluded: set[str], failures: list[str]

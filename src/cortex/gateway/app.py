@@ -40,14 +40,14 @@ def build_app(gateway: Gateway) -> web.Application:
     app[GATEWAY] = gateway
     for module in ROUTE_MODULES:
         module.register(app)
-    # Last: anything unmatched gets an OpenAI-shaped 404 (a catch-all route costs matched routes nothing).
+    # Last: anything unmatched gets a 404 in the caller's dialect (a catch-all costs matched routes nothing).
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
 
 async def _not_found(request: web.Request) -> web.Response:
     err = ApiError(404, f"no route {request.method} {request.path}", code="unknown_route")
-    return wire.openai_error(err, wire.request_id(request))
+    return wire.error_in_dialect(request, err, wire.request_id(request))
 
 
 def build_metrics_app(gateway: Gateway) -> web.Application:

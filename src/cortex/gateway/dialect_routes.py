@@ -55,10 +55,6 @@ def register(app: web.Application) -> None:
     app.router.add_post(RESPONSES, responses)
 
 
-def anthropic_error(err: ApiError, rid: str) -> web.Response:
-    return wire.json_response(err.anthropic_body(), err.status, {**err.headers(), wire.REQUEST_ID: rid})
-
-
 def internal_error() -> ApiError:
     return ApiError(500, "internal error in the gateway; see its log", code="internal_error")
 
@@ -90,7 +86,7 @@ def answers_in(render: ErrorRenderer) -> Callable[[Handler], Callable[[web.Reque
 # ---------------------------------------------------------------------------------------------
 
 
-@answers_in(anthropic_error)
+@answers_in(wire.anthropic_error)
 async def messages(request: web.Request, rid: str) -> web.StreamResponse:
     payload, _ = await wire.read_json(request)
     req = parse_messages_request(payload)
@@ -99,13 +95,13 @@ async def messages(request: web.Request, rid: str) -> web.StreamResponse:
     if req.stream:
         stream = AnthropicStream(req.model, thinking=req.wants_thinking())
         relay = _Relay(request, rid, stream.start, [ping_event()], lambda err: [error_event(err)])
-        return await relay.run(up, body, MESSAGES, stream.feed, stream.finish, anthropic_error)
+        return await relay.run(up, body, MESSAGES, stream.feed, stream.finish, wire.anthropic_error)
     reply = await up.chat(body, request_id=rid, route=MESSAGES)
     message = to_anthropic_message(reply, model=req.model, thinking=req.wants_thinking())
     return wire.json_response(message, headers={wire.REQUEST_ID: rid})
 
 
-@answers_in(anthropic_error)
+@answers_in(wire.anthropic_error)
 async def count_tokens(request: web.Request, rid: str) -> web.StreamResponse:
     """Counted by the neuron with the model's own tokenizer and chat template (tools included)."""
     payload, _ = await wire.read_json(request)

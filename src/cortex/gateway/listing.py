@@ -8,11 +8,12 @@ fleet fields (`status`, `loaded_on`, `replicas`, `context_length`, …) are extr
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 
-from cortex.core.errors import ApiError
+from cortex.core.errors import ApiError, model_not_found
 from cortex.gateway import wire
 from cortex.gateway.keys import GATEWAY
 from cortex.gateway.placement import feasible_anywhere
@@ -24,6 +25,7 @@ _HIDDEN = frozenset({FAILED, UNLOADING})
 
 def register(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
 
 
@@ -33,8 +35,37 @@ async def list_models(request: web.Request) -> web.Response:
     try:
         gw.check_client_key(request)
     except ApiError as err:
-        return wire.openai_error(err, rid)
-    return wire.json_response({"object": "list", "data": model_entries(gw)})
+        return wire.error_in_dialect(request, err, rid)
+    entries = model_entries(gw)
+    if wire.speaks_anthropic(request):
+        return wire.json_response(anthropic_model_list(entries))
+    return wire.json_response({"object": "list", "data": entries})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{id}` (the SDKs' `models.retrieve`), in the caller's dialect."""
+    gw = request.app[GATEWAY]
+    rid = wire.request_id(request)
+    model_id = request.match_info["model_id"]
+    try:
+        gw.check_client_key(request)
+        entry = next((e for e in model_entries(gw) if e["id"] == model_id), None)
+        if entry is None:
+            raise model_not_found(model_id)
+    except ApiError as err:
+        return wire.error_in_dialect(request, err, rid)
+    return wire.json_response(anthropic_model(entry) if wire.speaks_anthropic(request) else entry)
+
+
+def anthropic_model(entry: dict[str, Any]) -> dict[str, Any]:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["created"]))
+    return {"type": "model", "id": entry["id"], "display_name": entry["id"], "created_at": created}
+
+
+def anthropic_model_list(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    data = [anthropic_model(e) for e in entries]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"data": data, "has_more": False, "first_id": first, "last_id": last}
 
 
 def model_entries(gw: Gateway) -> list[dict[str, Any]]:

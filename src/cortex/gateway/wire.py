@@ -58,3 +58,16 @@ def openai_error(err: ApiError, rid: str | None = None) -> web.Response:
     if rid:
         headers[REQUEST_ID] = rid
     return json_response(err.openai_body(), err.status, headers)
+
+
+def anthropic_error(err: ApiError, rid: str) -> web.Response:
+    return json_response(err.anthropic_body(), err.status, {**err.headers(), REQUEST_ID: rid})
+
+
+def speaks_anthropic(request: web.BaseRequest) -> bool:
+    """Anthropic's SDKs and Claude Code send `anthropic-version` on every call; OpenAI clients never do."""
+    return "anthropic-version" in request.headers or request.path.startswith("/v1/messages")
+
+
+def error_in_dialect(request: web.BaseRequest, err: ApiError, rid: str) -> web.Response:
+    return anthropic_error(err, rid) if speaks_anthropic(request) else openai_error(err, rid)

@@ -1,0 +1,115 @@
+"""The README's run command, as a new user runs it: `cortex up`, then the official SDKs, then Ctrl-C.
+
+One gateway and one local neuron with the embedded SmolLM2-135M-Instruct; the answer must be right
+through both dialects, and Ctrl-C must stop both processes cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from cortex.neuron.default_model import DEFAULT_MODEL_ID
+from tests.support.procs import free_port, spawn
+
+QUESTION = "What is the capital of France?"
+
+
+def _models_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:
+            listing = json.loads(resp.read())
+    except OSError:
+        return False
+    return any(m["id"] == DEFAULT_MODEL_ID and m.get("status") == "loaded" for m in listing["data"])
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes], Path, int]]:
+    gateway, metrics, neuron = free_port(), free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("up") / "cortex-up.log"
+    args = [sys.executable, "-m", "cortex.cli.cortex_cmd", "up", "--listen", f"127.0.0.1:{gateway}"]
+    args += ["--metrics-listen", f"127.0.0.1:{metrics}", "--neuron-listen", f"127.0.0.1:{neuron}"]
+    proc = spawn(args, log_path)
+    url = f"http://127.0.0.1:{gateway}"
+    deadline = time.monotonic() + 300
+    try:
+        while not _models_ready(url):
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        yield url, proc, log_path, neuron
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_openai_sdk_gets_paris(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    url = fleet[0]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": QUESTION}], max_tokens=30
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_anthropic_sdk_streams_paris(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    url = fleet[0]
+    client = anthropic.Anthropic(base_url=url, api_key="unused")
+    with client.messages.stream(
+        model="default", max_tokens=30, messages=[{"role": "user", "content": QUESTION}]
+    ) as stream:
+        message = stream.get_final_message()
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert "Paris" in text
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens > 0
+
+
+def test_both_sdks_list_and_retrieve_models(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    url = fleet[0]
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert DEFAULT_MODEL_ID in {m.id for m in oa.models.list()}
+    assert oa.models.retrieve(DEFAULT_MODEL_ID).id == DEFAULT_MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("no-such-model")
+    an = anthropic.Anthropic(base_url=url, api_key="unused")
+    listed = an.models.list()
+    assert {DEFAULT_MODEL_ID, "default"} <= {m.id for m in listed.data}
+    assert an.models.retrieve("default").type == "model"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        an.models.retrieve("no-such-model")
+    assert missing.value.body["error"]["type"] == "not_found_error"
+
+
+def test_unknown_anthropic_route_answers_in_anthropic_envelope(
+    fleet: tuple[str, subprocess.Popen[bytes], Path, int],
+) -> None:
+    request = urllib.request.Request(f"{fleet[0]}/v1/messages/batches", method="POST", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=5)
+    assert err.value.code == 404
+    body = json.loads(err.value.read())
+    assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+
+
+def test_ctrl_c_stops_gateway_and_neuron(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    """Runs last in this module: it stops the fleet the other tests used."""
+    url, proc, log_path, neuron_port = fleet
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log_path.read_text()
+    for port in (int(url.rsplit(":", 1)[1]), neuron_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -9,12 +9,11 @@ fails with a 400 that names it. Responses are built as plain dicts in `translate
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cortex.core.errors import bad_request
+from cortex.core.validation import parse_request, validation_message
 
 
 class _Lenient(BaseModel):
@@ -183,39 +182,6 @@ class MessagesRequest(CountTokensRequest):
 
 
 # Union branch labels pydantic puts in error locations: `str`, `list[...]`, `function-after[...]`, `TextBlock`.
-_BRANCH_LABEL = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*)$|\[")
-
-R = TypeVar("R", bound=BaseModel)
-
-
-def _clean_location(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc if not (isinstance(part, str) and _BRANCH_LABEL.search(part)))
-
-
-def validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    """The most specific problem, phrased like Anthropic does (`messages.0.content.1.id: Field required`).
-
-    For a union (`content: str | list[block]`) pydantic reports every branch; the deepest error is
-    the one about what the client actually sent.
-    """
-    errors = exc.errors(include_url=False)
-    deepest = max(errors, key=lambda e: len(e["loc"]))
-    path = _clean_location(deepest["loc"])
-    message = "Field required" if deepest["type"] == "missing" else deepest["msg"]
-    return (f"{path}: {message}" if path else message), (path or None)
-
-
-def parse_request(model: type[R], body: Any) -> R:
-    """Validate a decoded JSON body; any problem becomes a 400 `invalid_request_error`."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        message, param = validation_message(exc)
-        raise bad_request(message, param=param) from exc
-
-
 def parse_messages_request(body: Any) -> MessagesRequest:
     return parse_request(MessagesRequest, body)
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from cortex.core.anthropic import parse_request
 from cortex.core.errors import bad_request
+from cortex.core.validation import parse_request
 
 
 class _Lenient(BaseModel):

@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event, request_id_var
 from cortex.core.openai import ChatCompletionRequest, CompletionRequest
+from cortex.core.validation import parse_request
 from cortex.neuron.config import ModelConfig, NeuronConfig
 from cortex.neuron.engine import Engine
 from cortex.neuron.hardware import Hardware
@@ -48,25 +49,13 @@ def error_response(exc: ApiError) -> web.Response:
     return json_response(exc.openai_body(), exc.status, exc.headers())
 
 
-def _param_of(exc: ValidationError) -> tuple[str | None, str]:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return (loc or None), f"{loc}: {err['msg']}" if loc else err["msg"]
-
-
 async def parse_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("Request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        param, message = _param_of(exc)
-        raise bad_request(f"Invalid request: {message}", param=param) from None
+    return parse_request(model, data)
 
 
 @web.middleware

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,3 +63,19 @@ def test_curl_from_the_readme(default_neuron: Daemon) -> None:
         check=True,
     )
     assert "Paris" in out.stdout
+
+
+async def test_json_object_answer_parses(default_neuron: Daemon) -> None:
+    messages = [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "What is the capital of France? Answer as a JSON object with the key capital."},
+    ]
+    body = {"model": DEFAULT_MODEL_ID, "messages": messages, "max_tokens": 60}
+    body["response_format"] = {"type": "json_object"}
+    async with aiohttp.ClientSession() as http, http.post(f"{default_neuron.url}/v1/chat/completions", json=body) as r:
+        reply = await r.json()
+    assert r.status == 200, reply
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    answer = json.loads(reply["choices"][0]["message"]["content"])
+    assert isinstance(answer, dict)
+    assert "Paris" in json.dumps(answer)

@@ -213,8 +213,12 @@ def _refuse_unsupported(req: SamplingFields) -> None:
     if req.logprobs:
         raise bad_request("logprobs are not supported by this neuron", param="logprobs")
     fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(f"response_format '{fmt.type}' is not supported by this neuron", param="response_format")
+    if fmt is not None and fmt.type == "json_schema":
+        raise bad_request(
+            "response_format 'json_schema' is not supported: the neuron can constrain output to a JSON object "
+            "(response_format {'type': 'json_object'}) but not to a schema",
+            param="response_format",
+        )
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int, model: LoadedModel) -> SamplingParams:
@@ -231,7 +235,13 @@ def sampling_params(req: SamplingFields, max_new_tokens: int, model: LoadedModel
         frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
         stop=tuple(req.stop_list()),
+        json_object=wants_json_object(req),
     )
+
+
+def wants_json_object(req: SamplingFields) -> bool:
+    fmt = getattr(req, "response_format", None)
+    return fmt is not None and fmt.type == "json_object"
 
 
 class _fault_guard:

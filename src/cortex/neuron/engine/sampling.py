@@ -53,13 +53,22 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token id as a one-element long tensor on the device."""
-        logits = logits.float()
-        if self._repetition or self._additive:
-            logits = self._penalise(logits)
-        token = logits.argmax(-1, keepdim=True) if self._greedy else self._draw(logits)
+        token = self.draw(self.penalised(logits.float()))
+        self.record(token)
+        return token
+
+    # The three steps apart, for samplers that must reject some draws (constrained output).
+
+    def penalised(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._penalise(logits) if self._repetition or self._additive else logits
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1, keepdim=True) if self._greedy else self._draw(logits)
+
+    def record(self, token: torch.Tensor) -> None:
+        """Count the token that was finally chosen (the penalties' statistics)."""
         if self._repetition or self._additive:
             self._record(token)
-        return token
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         if self._seen is None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from .detokenize import IncrementalDetokenizer, StopMatcher
+from .json_constraint import ConstrainedSampler, json_sampler
 from .sampling import Sampler
 from .types import Finished, GenerationEvent, GenerationRequest, SamplingParams, TextDelta
 
@@ -83,7 +84,7 @@ class Sequence:
         self.submitted_at = perf_counter()
         # Worker-side state, created when the scheduler gives the sequence a slot.
         self.cache: Any = None
-        self.sampler: Sampler | None = None
+        self.sampler: Sampler | ConstrainedSampler | None = None
         self.output: OutputStream | None = None
         self.prompt_tensor: torch.Tensor | None = None
         self.next_input: torch.Tensor | None = None
@@ -103,7 +104,8 @@ class Sequence:
         """Worker thread: allocate this sequence's own cache and sampling state."""
         self.cache = cache
         self.prompt_tensor = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
-        self.sampler = Sampler(self.params, self.prompt_tensor[0], device)
+        sampler = Sampler(self.params, self.prompt_tensor[0], device)
+        self.sampler = json_sampler(sampler, tokenizer, eos_ids) if self.params.json_object else sampler
         self.output = OutputStream(tokenizer, self.prompt_ids, self.params, eos_ids, self.max_new_tokens)
 
     def release(self) -> None:

@@ -62,6 +62,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past EOS (benchmarks); max_new_tokens still ends it
+    json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,7 @@ JSON object on its `data:` line; every SDK's decoder expects the JSON compact, o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,3 +28,35 @@ def encode_events(events: Iterable[SseEvent]) -> bytes:
 def encode_comment(text: str = "keep-alive") -> bytes:
     """An SSE comment: clients ignore it, proxies see bytes and keep the connection open."""
     return b": " + text.encode() + b"\n\n"
+
+
+class ChunkTranslator(ABC):
+    """Drives a dialect's stream translator over OpenAI chat chunks (parsed dicts).
+
+    The opening events go out once, before anything else; usage chunks update the token counts;
+    each choice is translated by the dialect; nothing is emitted after the stream was finished.
+    """
+
+    _started = False
+    _finished = False
+
+    @abstractmethod
+    def start(self) -> list[SseEvent]:
+        """The opening events, once (later calls return none)."""
+
+    @abstractmethod
+    def _note_usage(self, usage: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _feed_choice(self, choice: dict[str, Any]) -> list[SseEvent]: ...
+
+    def feed(self, chunk: dict[str, Any]) -> list[SseEvent]:
+        events = self.start()
+        if self._finished:
+            return events
+        usage = chunk.get("usage")
+        if usage:
+            self._note_usage(usage)
+        for choice in chunk.get("choices") or []:
+            events.extend(self._feed_choice(choice))
+        return events

@@ -34,7 +34,7 @@ from cortex.core.anthropic import (
     ToolUseBlock,
 )
 from cortex.core.errors import ApiError, bad_request
-from cortex.core.sse import SseEvent
+from cortex.core.sse import ChunkTranslator, SseEvent
 
 # Where tool-call arguments that are not a JSON object end up, so a tool sees what the model wrote.
 RAW_ARGUMENTS_KEY = "raw_arguments"
@@ -369,7 +369,7 @@ class _ToolCall:
     closed: bool = False
 
 
-class AnthropicStream:
+class AnthropicStream(ChunkTranslator):
     """Feeds OpenAI chat chunks (parsed dicts), emits Anthropic stream events in Anthropic's order:
 
     `message_start`, then per block `content_block_start` / `content_block_delta`... /
@@ -424,17 +424,9 @@ class AnthropicStream:
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
-    def feed(self, chunk: dict[str, Any]) -> list[SseEvent]:
-        events = self.start()
-        if self._finished:
-            return events
-        usage = chunk.get("usage")
-        if usage:
-            self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
-            self.output_tokens = usage.get("completion_tokens", self.output_tokens)
-        for choice in chunk.get("choices") or []:
-            events.extend(self._feed_choice(choice))
-        return events
+    def _note_usage(self, usage: dict[str, Any]) -> None:
+        self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
+        self.output_tokens = usage.get("completion_tokens", self.output_tokens)
 
     def finish(self) -> list[SseEvent]:
         """Close what is open and end the message; call when the upstream stream has ended."""

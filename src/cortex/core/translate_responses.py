@@ -26,7 +26,7 @@ from cortex.core.responses import (
     ResponsesRequest,
     TextFormat,
 )
-from cortex.core.sse import SseEvent
+from cortex.core.sse import ChunkTranslator, SseEvent
 
 ChatMessage = dict[str, Any]
 Part = dict[str, Any]
@@ -329,7 +329,7 @@ class _OpenItem:
         self.name = ""
 
 
-class ResponsesStream:
+class ResponsesStream(ChunkTranslator):
     """Feeds OpenAI chat chunks (parsed dicts), emits the Responses stream events in the documented
     order, each with its `sequence_number`:
 
@@ -369,17 +369,9 @@ class ResponsesStream:
             self._event("response.in_progress", response=snapshot),
         ]
 
-    def feed(self, chunk: dict[str, Any]) -> list[SseEvent]:
-        events = self.start()
-        if self._finished:
-            return events
-        usage = chunk.get("usage")
-        if usage:
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-        for choice in chunk.get("choices") or []:
-            events.extend(self._feed_choice(choice))
-        return events
+    def _note_usage(self, usage: dict[str, Any]) -> None:
+        self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+        self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
 
     def finish(self) -> list[SseEvent]:
         events = self.start()

@@ -110,6 +110,8 @@ def test_ctrl_c_stops_gateway_and_neuron(fleet: tuple[str, subprocess.Popen[byte
     url, proc, log_path, neuron_port = fleet
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log_path.read_text()
+    log = log_path.read_text()
+    assert "cortex is up" in log and "event=neuron.stopped" in log
     for port in (int(url.rsplit(":", 1)[1]), neuron_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +17,8 @@ import pytest
 
 from tests.gateway.conftest import StartGateway, chat, chat_body, metric_value, models_toml, replica_nodes
 from tests.gateway.test_streaming import read_events
-from tests.support.gateway_procs import GatewayDaemon, eventually, wait_until
-from tests.support.procs import Daemon, free_port, get_json, run_neuron, wait_http
+from tests.support.gateway_procs import eventually, wait_until
+from tests.support.procs import Daemon, free_port, get_json, run_neuron
 
 TINY_MB = 12
 
@@ -231,41 +227,3 @@ async def test_failover_when_a_neuron_is_killed_and_recovery_when_it_returns(
     await eventually(lambda: get_json(f"{gateway.url}/health")["neurons"]["c"]["healthy"], timeout=60)
     assert (await chat(http, gateway, "t1", max_tokens=2))[0] == 200  # placed on the returned node too
     assert models_on(c) == {"t1": "loaded"}
-
-
-def test_cortex_up_serves_the_default_model_and_stops_cleanly(tmp_path: Path) -> None:
-    from cortex.neuron.default_model import DEFAULT_MODEL_ID
-
-    port, metrics_port, neuron_port = free_port(), free_port(), free_port()
-    args = [sys.executable, "-m", "cortex.cli.cortex_cmd", "up", "--listen", f"127.0.0.1:{port}"]
-    args += ["--metrics-listen", f"127.0.0.1:{metrics_port}", "--neuron-listen", f"127.0.0.1:{neuron_port}"]
-    log_path = tmp_path / "up.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
-    daemon = GatewayDaemon(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_http(f"{daemon.url}/health", proc, log_path, timeout=120)
-        wait_until(lambda: _default_loaded(daemon, DEFAULT_MODEL_ID), timeout=180, message=daemon.log())
-        body = _post(
-            f"{daemon.url}/v1/chat/completions",
-            {
-                "model": "default",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "max_tokens": 24,
-                "temperature": 0,
-            },
-        )
-        assert "Paris" in body["choices"][0]["message"]["content"]
-        assert "cortex is up" in daemon.log()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-        with pytest.raises(OSError):
-            get_json(f"http://127.0.0.1:{neuron_port}/version", timeout=2)  # the neuron stopped too
-        assert "event=neuron.stopped" in daemon.log()
-    finally:
-        daemon.kill()
-
-
-def _default_loaded(daemon: GatewayDaemon, model_id: str) -> bool:
-    models = {m["id"]: m for m in get_json(f"{daemon.url}/v1/models")["data"]}
-    return models.get(model_id, {}).get("status") == "loaded"

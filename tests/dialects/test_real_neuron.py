@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -21,17 +20,10 @@ import pytest
 
 from tests.dialects.claude_code import CLAUDE_CODE_HEADERS, claude_code_request
 from tests.dialects.schemas import assert_anthropic_event, assert_responses_event
-from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_gateway
+from tests.support.gateway_procs import RealFleet, run_single_model_fleet
 from tests.support.models import build_tiny_model
-from tests.support.procs import Daemon, run_neuron, wait_model_status
 
 MODEL = "tiny-tools"
-
-
-@dataclass
-class RealFleet:
-    gateway: GatewayDaemon
-    neuron: Daemon
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +31,8 @@ def real_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
     tmp = tmp_path_factory.mktemp("real-dialects")
     # Claude Code's 14 tool schemas alone are ~1,000 tokens: a wider context than the shared tiny model's.
     model_dir = build_tiny_model(tmp / "models" / "tiny-tools-2k", seed=3, context=2048, tools=True)
-    neuron_toml = f"""
-model_roots = ["{model_dir.parent}"]
-[devices]
-use = "cpu"
-cpu_memory_mb = 4096
-[[default_models]]
-model_id = "{MODEL}"
-source = "{model_dir}"
-"""
-    with run_neuron(tmp, neuron_toml) as neuron:
-        wait_model_status(neuron.url, MODEL)
-        with run_gateway(tmp, cortex_toml({"real": neuron.url}, models_config=None), wait_healthy=1) as gateway:
-            yield RealFleet(gateway, neuron)
+    with run_single_model_fleet(tmp, MODEL, model_dir) as fleet:
+        yield fleet
 
 
 def _post_json(url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:

@@ -17,8 +17,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.support.gateway_procs import cortex_toml, run_gateway
-from tests.support.procs import run_neuron, wait_model_status
+from tests.support.gateway_procs import run_single_model_fleet
 from tests.support.trained_tool_model import (
     QUESTION,
     SYSTEM_PROMPT,
@@ -39,19 +38,8 @@ MAX_TOKENS = 64  # both replies are about 30 tokens
 def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("tool-loop")
     model_dir = build_tool_calling_model(tmp / "models" / MODEL)
-    neuron_toml = f"""
-model_roots = ["{model_dir.parent}"]
-[devices]
-use = "cpu"
-cpu_memory_mb = 4096
-[[default_models]]
-model_id = "{MODEL}"
-source = "{model_dir}"
-"""
-    with run_neuron(tmp, neuron_toml) as neuron:
-        wait_model_status(neuron.url, MODEL)
-        with run_gateway(tmp, cortex_toml({"real": neuron.url}, models_config=None), wait_healthy=1) as gateway:
-            yield gateway.url
+    with run_single_model_fleet(tmp, MODEL, model_dir) as fleet:
+        yield fleet.gateway.url
 
 
 def _openai(url: str) -> openai.OpenAI:

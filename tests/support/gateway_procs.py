@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.procs import Daemon, free_port, get_json, spawn, wait_http
+from tests.support.procs import Daemon, free_port, get_json, run_neuron, spawn, wait_http, wait_model_status
 
 
 @dataclass
@@ -146,3 +146,27 @@ async def eventually(predicate: Any, timeout: float = 30.0, interval: float = 0.
             last_exc = exc
         await asyncio.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout}s {message} (last error: {last_exc})")
+
+
+@dataclass
+class RealFleet:
+    gateway: GatewayDaemon
+    neuron: Daemon
+
+
+@contextlib.contextmanager
+def run_single_model_fleet(tmp: Path, model_id: str, model_dir: Path) -> Iterator[RealFleet]:
+    """One real neuron serving one local model on its CPU, and one real gateway in front of it."""
+    neuron_toml = f"""
+model_roots = ["{model_dir.parent}"]
+[devices]
+use = "cpu"
+cpu_memory_mb = 4096
+[[default_models]]
+model_id = "{model_id}"
+source = "{model_dir}"
+"""
+    with run_neuron(tmp, neuron_toml) as neuron:
+        wait_model_status(neuron.url, model_id)
+        with run_gateway(tmp, cortex_toml({"real": neuron.url}, models_config=None), wait_healthy=1) as gateway:
+            yield RealFleet(gateway, neuron)

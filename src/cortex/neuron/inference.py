@@ -83,12 +83,9 @@ class Inference:
     async def chat_job(self, req: ChatCompletionRequest) -> Job:
         slot, model = self.lifecycle.ready(req.model)
         _refuse_unsupported(req)
-        tools = (
-            [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-        )
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        prompt = await self._on_tokenizer(model.render_chat, messages, tools)
-        return self._job("chat", req, slot, model, prompt, req.requested_max_tokens(), parse_tools=tools is not None)
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        prompt = await self._render_chat(model, req, with_tools=use_tools)
+        return self._job("chat", req, slot, model, prompt, req.requested_max_tokens(), parse_tools=use_tools)
 
     async def text_job(self, req: CompletionRequest) -> Job:
         slot, model = self.lifecycle.ready(req.model)
@@ -102,9 +99,12 @@ class Inference:
 
     async def count_chat_tokens(self, req: ChatCompletionRequest) -> int:
         _, model = self.lifecycle.ready(req.model)
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        return len(await self._render_chat(model, req, with_tools=bool(req.tools)))
+
+    async def _render_chat(self, model: LoadedModel, req: ChatCompletionRequest, *, with_tools: bool) -> list[int]:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if with_tools else None
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        return len(await self._on_tokenizer(model.render_chat, messages, tools))
+        return await self._on_tokenizer(model.render_chat, messages, tools)
 
     async def _text_prompt(self, model: LoadedModel, prompt: str | list[str] | list[int]) -> list[int]:
         if isinstance(prompt, str):

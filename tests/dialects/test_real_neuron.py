@@ -10,6 +10,7 @@ results rendered, token counting by the model's own tokenizer, and valid streams
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -80,6 +81,22 @@ def test_count_tokens_uses_the_models_tokenizer(real_fleet: RealFleet) -> None:
     tools: Any = [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     with_tools = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=tools)
     assert with_tools.input_tokens > short.input_tokens + 20
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_too_long_uses_anthropics_wording(real_fleet: RealFleet, stream: bool) -> None:
+    """Claude Code compacts the conversation when it reads Anthropic's "prompt is too long" error."""
+    client = anthropic.Anthropic(base_url=real_fleet.gateway.url, api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        if stream:
+            with client.messages.stream(model=MODEL, max_tokens=16, messages=messages) as events:
+                events.get_final_message()
+        else:
+            client.messages.create(model=MODEL, max_tokens=16, messages=messages)
+    body: Any = err.value.body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 2048 maximum", body["error"]["message"])
 
 
 def test_system_messages_mid_conversation_are_rendered_not_dropped(real_fleet: RealFleet) -> None:

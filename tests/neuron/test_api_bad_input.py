@@ -51,6 +51,7 @@ async def test_prompt_longer_than_context(neuron: Daemon, http: aiohttp.ClientSe
     assert status == 400
     assert reply["error"]["code"] == "context_length_exceeded"
     assert "1024" in reply["error"]["message"]
+    assert reply["error"]["context_length"] == 1024 and reply["error"]["prompt_tokens"] > 1024
 
 
 async def test_absurd_max_tokens_is_clipped(neuron: Daemon, http: aiohttp.ClientSession) -> None:

@@ -50,6 +50,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -58,6 +59,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.details = details or {}  # machine-readable facts, sent inside the OpenAI error object
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -65,10 +67,19 @@ class ApiError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after)))}
 
     def openai_body(self) -> dict[str, Any]:
-        return openai_error_body(self.message, self.type, self.param, self.code)
+        body = openai_error_body(self.message, self.type, self.param, self.code)
+        body["error"].update(self.details)
+        return body
 
     def anthropic_body(self) -> dict[str, Any]:
-        return anthropic_error_body(self.status, self.message)
+        return anthropic_error_body(self.status, self.anthropic_message())
+
+    def anthropic_message(self) -> str:
+        """Anthropic's own wording where clients act on it (Claude Code compacts on "prompt is too long")."""
+        prompt, limit = self.details.get("prompt_tokens"), self.details.get("context_length")
+        if self.code == "context_length_exceeded" and prompt is not None and limit is not None:
+            return f"prompt is too long: {prompt} tokens > {limit} maximum"
+        return self.message
 
 
 def openai_error_body(

@@ -407,6 +407,7 @@ def upstream_error(status: int, raw: bytes, headers: CIMultiDict[str] | Any) -> 
             param=err.get("param"),
             code=err.get("code"),
             retry_after=retry_after,
+            details={k: v for k, v in err.items() if k not in ("message", "type", "param", "code")},
         )
     text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
     return ApiError(status, text[:500] or f"neuron error {status}", retry_after=retry_after)

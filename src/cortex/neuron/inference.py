@@ -134,6 +134,7 @@ class Inference:
                 "tokens; shorten the messages",
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
+                details={"prompt_tokens": len(prompt), "context_length": context},
             )
         remaining = context - len(prompt)
         max_new = min(requested or remaining, remaining)  # absurd max_tokens are clipped, not refused

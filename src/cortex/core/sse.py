@@ -37,8 +37,8 @@ class ChunkTranslator(ABC):
     each choice is translated by the dialect; nothing is emitted after the stream was finished.
     """
 
-    _started = False
-    _finished = False
+    _started: bool  # set by the dialect's __init__
+    _finished: bool
 
     @abstractmethod
     def start(self) -> list[SseEvent]:

@@ -49,17 +49,13 @@ class Job:
     model_id: str
     slot: ModelSlot
     model: LoadedModel
-    prompt_ids: list[int]
-    sampling: SamplingParams
+    generation: GenerationRequest
     stream: bool
     include_usage: bool
     parse_tools: bool
     include_reasoning: bool
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
-
-    def generation_request(self) -> GenerationRequest:
-        return GenerationRequest(request_id_var.get(), self.prompt_ids, self.sampling)
 
 
 class Inference:
@@ -144,8 +140,7 @@ class Inference:
             model_id=req.model,
             slot=slot,
             model=model,
-            prompt_ids=prompt,
-            sampling=sampling_params(req, max_new, model),
+            generation=GenerationRequest(request_id_var.get(), prompt, sampling_params(req, max_new, model)),
             stream=req.stream,
             include_usage=req.include_usage(),
             parse_tools=parse_tools,
@@ -156,7 +151,7 @@ class Inference:
 
     async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
         async with _fault_guard(self.lifecycle, job):
-            job.model.validate(job.generation_request())
+            job.model.validate(job.generation)
         async with job.slot.admission.slot():
             job.slot.last_used = time.time()
             if job.stream:
@@ -164,7 +159,7 @@ class Inference:
             return await self._complete(job)
 
     def _events(self, job: Job) -> AsyncIterator[OutputEvent]:
-        return split_output(job.model, job.generation_request(), parse_tools=job.parse_tools)
+        return split_output(job.model, job.generation, parse_tools=job.parse_tools)
 
     async def _complete(self, job: Job) -> web.Response:
         content: list[str] = []
@@ -245,27 +240,21 @@ def wants_json_object(req: SamplingFields) -> bool:
     return fmt is not None and fmt.type == "json_object"
 
 
-class _fault_guard:
-    """A device fault poisons the model and becomes a 503 for this request; the caller's bugs don't."""
-
-    def __init__(self, lifecycle: Lifecycle, job: Job) -> None:
-        self.lifecycle, self.job = lifecycle, job
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, DeviceFault):
-            self.lifecycle.poison(self.job.slot, str(exc) or "device fault")
-            raise ApiError(
-                503,
-                f"Model '{self.job.model_id}' hit a device fault during generation and is being reloaded",
-                code="model_poisoned",
-                retry_after=10,
-            ) from None
-        if isinstance(exc, EngineError):
-            raise bad_request(str(exc)) from None
-        return False
+@contextlib.asynccontextmanager
+async def _fault_guard(lifecycle: Lifecycle, job: Job) -> AsyncIterator[None]:
+    """A device fault poisons the model and becomes a 503 for this request; a bad request stays a 400."""
+    try:
+        yield
+    except DeviceFault as exc:
+        lifecycle.poison(job.slot, str(exc) or "device fault")
+        raise ApiError(
+            503,
+            f"Model '{job.model_id}' hit a device fault during generation and is being reloaded",
+            code="model_poisoned",
+            retry_after=10,
+        ) from None
+    except EngineError as exc:
+        raise bad_request(str(exc)) from None
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:

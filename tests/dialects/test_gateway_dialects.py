@@ -9,6 +9,7 @@ and Claude Code's real request shape. What reached the neuron is read back from 
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -99,7 +100,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     port = free_port()
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"name": "scripted", "preloaded": [MODEL], "catalogue_load_delay_s": 1.2}))
-    args = ["python", "-m", "tests.dialects.scripted_neuron", "--port", str(port), "--spec", str(spec)]
+    args = [sys.executable, "-m", "tests.dialects.scripted_neuron", "--port", str(port), "--spec", str(spec)]
     log_path = tmp / "scripted.log"
     proc = spawn(args, log_path)
     neuron = Daemon(proc, f"http://127.0.0.1:{port}", log_path)

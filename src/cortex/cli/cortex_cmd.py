@@ -174,7 +174,9 @@ def up(
     if neuron_config is not None:
         args += ["--config", str(neuron_config)]
     # Its own session: Ctrl-C reaches us only, and we stop the neuron in order after the gateway.
-    neuron = subprocess.Popen(args, start_new_session=True)
+    from cortex.neuron.threads import share_environment  # its share of this host's cores for its threads
+
+    neuron = subprocess.Popen(args, start_new_session=True, env=share_environment(0, 1))
     exit_code = 0
     try:
         exit_code = _run_until_stopped(fleet, neuron, listen)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cortex.core.logs import setup_logging
 from cortex.core.settings import ConfigError
+
+if TYPE_CHECKING:
+    from cortex.neuron.config import NeuronConfig
 
 app = typer.Typer(help="cortex node daemon: serves local models in-process on this host's GPUs (or CPU).")
 
@@ -30,9 +35,30 @@ def serve(
         typer.echo(f"neuron: configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(cfg.log_level)
+    _configure_threads(cfg)
     from cortex.neuron.server import run  # torch is imported only once the config is known good
 
     run(cfg)
+
+
+def _configure_threads(cfg: NeuronConfig) -> None:
+    """Choose the engine's CPU threads and OpenMP's spin policy before torch loads, then apply them."""
+    from cortex.core.logs import log_event
+    from cortex.neuron import threads
+
+    choice = threads.choose(cfg.engine.threads, cfg.engine.interop_threads, cfg.engine.cores)
+    env_set = threads.prepare_environment(choice)  # before `import torch`: OpenMP reads it at load
+    applied = threads.apply(choice)
+    log_event(
+        logging.getLogger("cortex.neuron"),
+        "neuron.threads",
+        threads=applied.threads,
+        interop_threads=applied.interop_threads,
+        cores=applied.cores,
+        source=applied.source,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "-"),
+        env_set=",".join(env_set) or "-",
+    )
 
 
 @app.command()

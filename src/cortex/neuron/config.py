@@ -68,12 +68,25 @@ class DevicesConfig(_Strict):
     cpu_memory_mb: int | None = Field(default=None, ge=1)
 
 
+class EngineConfig(_Strict):
+    """[engine]: how the engine uses this host's CPUs and GPUs (the neuron's threads: cortex/neuron/threads.py)."""
+
+    # torch intra-op threads; default: OMP_NUM_THREADS if set, else the cores it may use less one.
+    threads: int | None = Field(default=None, ge=1)
+    interop_threads: int | None = Field(default=None, ge=1)  # default 1
+    # The cores this neuron counts as its own (`cortex up` passes each neuron its share); default: all usable.
+    cores: int | None = Field(default=None, ge=1)
+    # Decode from captured CUDA graphs on CUDA devices; false runs eager (for debugging).
+    cuda_graphs: bool = True
+
+
 class NeuronConfig(_Strict):
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     # None (key absent): load the embedded default model. [] loads nothing.
     default_models: list[ModelConfig] | None = None
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     cache_dir: Path | None = None  # Hugging Face cache; default: HF_HUB_CACHE / ~/.cache/huggingface
     # Local sources must resolve under one of these roots (besides installed model packages).
     model_roots: list[Path] = Field(default_factory=list)

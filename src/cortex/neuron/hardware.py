@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from cortex.neuron import threads
 from cortex.neuron.config import DevicesConfig
 
 try:  # nvidia-ml-py is in the neuron extra; a CPU host may not have it.
@@ -164,6 +165,7 @@ class Hardware:
                 for d in self.devices
             ],
             "harnesses": ["transformers"],
+            "engine": threads.current(),
         }
 
     def device_health(self, cpu_used_mb: int) -> list[dict[str, Any]]:

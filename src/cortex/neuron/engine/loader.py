@@ -228,6 +228,10 @@ def classify_load_failure(exc: BaseException) -> LoadError:
     message = _one_line(exc)
     if _is_out_of_memory(exc):
         return LoadError("out_of_memory", message)
+    unreachable = _hub_unreachable(exc)
+    if unreachable is not None:
+        cause = f"{type(unreachable).__name__}: {_one_line(unreachable)}"
+        return LoadError("missing_files", f"the Hugging Face hub cannot be reached ({cause}): {HUB_OFFLINE_HINT}")
     hub_reason = _hub_reason(exc)
     if hub_reason:
         return LoadError(hub_reason, message)
@@ -243,6 +247,32 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+HUB_OFFLINE_HINT = (
+    "pre-download the model into the Hugging Face cache on a connected machine (`hf download <repo>`), "
+    "then run the neuron with HF_HUB_OFFLINE=1"
+)
+
+
+def _hub_unreachable(exc: BaseException) -> BaseException | None:
+    """A failure to connect to the hub (DNS, refused, timed out), anywhere in the exception's chain."""
+    import socket
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if isinstance(current, socket.gaierror | ConnectionRefusedError) or names & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ConnectionError",
+            "NameResolutionError",
+        }:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _hub_reason(exc: BaseException) -> str | None:

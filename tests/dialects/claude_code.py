@@ -1,6 +1,6 @@
 """A request shaped like what Claude Code 2.1.x sends to `POST /v1/messages?beta=true`.
 
-As seen on the wire (ARCHITECTURE.md §4): system as three text blocks with `cache_control`, a
+As seen on the wire (docs/dialects.md): system as three text blocks with `cache_control`, a
 system-role message inside `messages` (also last), `thinking: adaptive`, `context_management`,
 `output_config`, `metadata.user_id`, `max_tokens: 32000`, a dozen tools with `input_schema`, and
 tool results with `cache_control` and `is_error`.

@@ -1,4 +1,4 @@
-"""Routing (ARCHITECTURE.md §3) through a real gateway process over fake neurons."""
+"""Routing (docs/gateway.md, "Routing a request") through a real gateway process over fake neurons."""
 
 from __future__ import annotations
 

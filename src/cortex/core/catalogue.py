@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from cortex.core.neuron_api import LoadRequest
 from cortex.core.settings import ConfigError, read_toml, validate_settings
 
 
@@ -44,16 +45,16 @@ class CatalogueModel(_Strict):
     pinned_on: list[str] = Field(default_factory=list)
     residency_priority: int = 0
 
-    def load_body(self, devices: list[int] | None) -> dict[str, object]:
+    def load_request(self, devices: list[int] | None) -> LoadRequest:
         """The neuron `POST /models/load` body for this model (absent fields left to the neuron)."""
-        body: dict[str, object] = {"model_id": self.id}
-        for key in ("source", "harness", "dtype", "quant"):
-            value = getattr(self, key)
-            if value is not None:
-                body[key] = value
-        if devices is not None:
-            body["devices"] = devices
-        return body
+        return LoadRequest(
+            model_id=self.id,
+            source=self.source,
+            harness=self.harness,
+            dtype=self.dtype,
+            quant=self.quant,
+            devices=devices,
+        )
 
 
 class Catalogue(_Strict):

@@ -20,12 +20,13 @@ from aiohttp import web
 from cortex import __version__
 from cortex.core.catalogue import CatalogueModel
 from cortex.core.errors import ApiError, bad_request, model_not_found
+from cortex.core.neuron_api import ModelStatus
 from cortex.gateway import wire
 from cortex.gateway.keys import GATEWAY
 from cortex.gateway.neuron_client import NeuronRefused, NeuronUnreachable
 from cortex.gateway.placement import feasible_anywhere
 from cortex.gateway.runtime import Gateway
-from cortex.gateway.state import LOADED, LOADING, Node, Replica
+from cortex.gateway.state import Node, Replica
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -169,19 +170,22 @@ async def load(request: web.Request, gw: Gateway) -> web.Response:
             raise model_not_found(model_id)
         spec = CatalogueModel(id=model_id)  # not in the catalogue: the neuron resolves the id itself
     existing = _existing(gw, model_id, node_name)
-    if existing is not None and existing.status == LOADED:
-        return wire.json_response({"model": model_id, "node": existing.node, "status": LOADED})
-    if existing is not None and existing.status == LOADING:
+    if existing is not None and existing.status == ModelStatus.LOADED:
+        return wire.json_response({"model": model_id, "node": existing.node, "status": "loaded"})
+    if existing is not None and existing.status == ModelStatus.LOADING:
         job = gw.loader.follow(gw.state.nodes[existing.node], model_id)
     else:
         job = gw.loader.load(spec, node_name)
     await _placed(job.placed, job.task)
-    return wire.json_response({"model": model_id, "node": job.node, "status": LOADING}, status=202)
+    return wire.json_response({"model": model_id, "node": job.node, "status": "loading"}, status=202)
 
 
 def _existing(gw: Gateway, model_id: str, node_name: str | None) -> Replica | None:
     for replica in gw.state.replicas(model_id):
-        if (node_name is None or replica.node == node_name) and replica.status in (LOADED, LOADING):
+        if (node_name is None or replica.node == node_name) and replica.status in (
+            ModelStatus.LOADED,
+            ModelStatus.LOADING,
+        ):
             return replica
     return None
 

@@ -17,9 +17,10 @@ import aiohttp
 
 from cortex.core.catalogue import Catalogue
 from cortex.core.logs import log_event
+from cortex.core.neuron_api import ModelStatus
 from cortex.gateway import neuron_client
 from cortex.gateway.metrics import Metrics
-from cortex.gateway.state import LOADED, FleetState, Node, Replica
+from cortex.gateway.state import FleetState, Node, Replica
 
 log = logging.getLogger("cortex.gateway.evictor")
 
@@ -44,7 +45,7 @@ def eviction_blocker(
     now: float,
 ) -> str | None:
     """Why this replica may not be evicted now, or None when it may."""
-    if replica.status != LOADED or replica.evicting:
+    if replica.status != ModelStatus.LOADED or replica.evicting:
         return f"{replica.model_id} is {replica.status if not replica.evicting else 'being evicted'}"
     spec = catalogue.get(replica.model_id)
     if state.is_pinned(replica.model_id, replica.node, spec.pinned_on if spec else []):

@@ -14,13 +14,14 @@ from typing import Any
 from aiohttp import web
 
 from cortex.core.errors import ApiError, model_not_found
+from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
 from cortex.gateway import wire
 from cortex.gateway.keys import GATEWAY
 from cortex.gateway.placement import feasible_anywhere
 from cortex.gateway.runtime import Gateway
-from cortex.gateway.state import FAILED, LOADED, LOADING, RECOVERY_STATUSES, UNLOADING, Replica
+from cortex.gateway.state import Replica
 
-_HIDDEN = frozenset({FAILED, UNLOADING})
+_HIDDEN = frozenset({ModelStatus.FAILED, ModelStatus.UNLOADING})
 
 
 def register(app: web.Application) -> None:
@@ -94,7 +95,7 @@ def _entry(gw: Gateway, model_id: str, replicas: list[Replica]) -> dict[str, Any
         "created": int(gw.started_at),
         "owned_by": "cortex",
         "status": _overall_status(replicas),
-        "loaded_on": [r.node for r in replicas if r.status == LOADED],
+        "loaded_on": [r.node for r in replicas if r.status == ModelStatus.LOADED],
         "replicas": [
             {"node": r.node, "status": r.status, "devices": r.devices, "load_progress": r.load_progress}
             for r in replicas
@@ -108,12 +109,12 @@ def _entry(gw: Gateway, model_id: str, replicas: list[Replica]) -> dict[str, Any
 
 def _overall_status(replicas: list[Replica]) -> str:
     statuses = {r.status for r in replicas}
-    if LOADED in statuses:
-        return LOADED
+    if ModelStatus.LOADED in statuses:
+        return "loaded"
     if statuses & RECOVERY_STATUSES:
         return "recovering"
-    if LOADING in statuses:
-        return LOADING
+    if ModelStatus.LOADING in statuses:
+        return "loading"
     return "available"
 
 

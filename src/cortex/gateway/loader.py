@@ -22,13 +22,14 @@ from cortex.core.catalogue import CatalogueModel
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import LoadSection
 from cortex.core.logs import log_event
+from cortex.core.neuron_api import ModelStatus
 from cortex.gateway import neuron_client
 from cortex.gateway.evictor import Evictor
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.neuron_client import NeuronRefused, NeuronUnreachable
 from cortex.gateway.placement import NoPlacement, Placer, Plan
 from cortex.gateway.poller import Poller
-from cortex.gateway.state import FAILED, LOADED, LOADING, FleetState, Node, Reservation
+from cortex.gateway.state import FleetState, Node, Reservation
 
 log = logging.getLogger("cortex.gateway.loader")
 
@@ -111,10 +112,10 @@ class Loader:
     async def _run(self, job: LoadJob, work: Callable[[LoadJob], Awaitable[str]]) -> str:
         try:
             node = await work(job)
-            job.phase = LOADED
+            job.phase = "loaded"
             return node
         except BaseException:
-            job.phase = FAILED
+            job.phase = "failed"
             job.placed.set()  # waiters for placement see the failure through the task
             raise
         finally:
@@ -137,7 +138,7 @@ class Loader:
         )
         try:
             await self._evict_victims(plan)
-            job.phase = LOADING
+            job.phase = "loading"
             started = time.monotonic()
             self.metrics.cold_starts.labels(spec.id, node.name).inc()
             await self._request_load(node, spec, plan)
@@ -180,7 +181,7 @@ class Loader:
     async def _request_load(self, node: Node, spec: CatalogueModel, plan: Plan) -> None:
         # Device indexes mean CUDA devices to a neuron; a CPU neuron picks its one "device" itself.
         on_gpu = any(node.devices[i].kind != "cpu" for i in plan.devices if i in node.devices)
-        body = spec.load_body(plan.devices if on_gpu else None)
+        body = spec.load_request(plan.devices if on_gpu else None).model_dump(exclude_none=True)
         node.epoch += 1
         try:
             await neuron_client.post_json(self.session, node, "/models/load", body, timeout=self.config.timeout_s)
@@ -211,11 +212,11 @@ class Loader:
                 if missing >= _MISSING_GRACE_READS:
                     raise ApiError(502, f"'{model_id}' vanished from '{node.name}' while loading", code="load_failed")
                 continue
-            if replica.status == LOADED:
+            if replica.status == ModelStatus.LOADED:
                 with contextlib.suppress(NeuronUnreachable, NeuronRefused):
                     await self.poller.poll_node(node)  # measured VRAM and free memory, before the reservation goes
                 return node.name
-            if replica.status == FAILED:
+            if replica.status == ModelStatus.FAILED:
                 reason = replica.error or "no reason given"
                 log_event(log, "load.failed", logging.WARNING, model=model_id, node=node.name, error=reason)
                 raise ApiError(502, f"loading '{model_id}' on '{node.name}' failed: {reason}", code="load_failed")

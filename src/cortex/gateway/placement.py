@@ -6,7 +6,7 @@ Size: the VRAM last measured for the model (any node, kept after unloads) beats 
 Feasible on a node: at least `min_devices` devices with `min_device_vram_mb` each, and together
 enough total memory. A model needing k devices needs size/k on each of k of them.
 
-Ranking (ARCHITECTURE.md §3): a pinned node where it fits (freely or by evicting) first, then
+Ranking (docs/gateway.md, "Placement"): a pinned node where it fits (freely or by evicting) first, then
 nodes where it fits in free memory, then nodes where it fits after evicting what it may displace;
 most free memory breaks ties. A node where this model's last load failed goes after all others.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cortex.core.catalogue import Catalogue, CatalogueModel
+from cortex.core.neuron_api import ModelStatus
 from cortex.gateway.evictor import EvictionPolicy, eviction_blocker, residency_left, victim_order
-from cortex.gateway.state import FAILED, Device, FleetState, Node, Replica
+from cortex.gateway.state import Device, FleetState, Node, Replica
 
 TIER_PINNED, TIER_FREE, TIER_EVICT = 0, 1, 2
 _FAILED_PENALTY = 3
@@ -201,11 +202,11 @@ def _largest_mb(node: Node) -> int:
 
 def _last_load_failed(node: Node, model_id: str) -> bool:
     replica = node.replicas.get(model_id)
-    return replica is not None and replica.status == FAILED
+    return replica is not None and replica.status == ModelStatus.FAILED
 
 
 def _busy_ids(node: Node, model_id: str) -> set[str]:
     """The model's id when the node has it (not failed) or a load of it is under way there: no second copy."""
     replica = node.replicas.get(model_id)
-    present = replica is not None and replica.status != FAILED
+    present = replica is not None and replica.status != ModelStatus.FAILED
     return {model_id} if present or model_id in node.reservations else set()

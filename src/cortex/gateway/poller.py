@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from cortex.core.gateway_config import PollSection
 from cortex.core.logs import log_event
+from cortex.core.neuron_api import Discovery, Health, ModelEntry, parse_models
 from cortex.gateway import neuron_client
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.neuron_client import NeuronRefused, NeuronUnreachable
@@ -74,21 +76,26 @@ class Poller:
         try:
             discovery = None
             if not node.discovered:
-                discovery = await neuron_client.get_json(self.session, node, "/discovery", timeout=timeout)
+                raw = await neuron_client.get_json(self.session, node, "/discovery", timeout=timeout)
+                discovery = Discovery.model_validate(raw)
             health, models = await _both(
                 neuron_client.get_json(self.session, node, "/health", timeout=timeout),
                 neuron_client.get_json(self.session, node, "/models", timeout=timeout),
             )
+            parsed_health = Health.model_validate(health)
+            parsed_models = parse_models(models)
         except (NeuronUnreachable, NeuronRefused) as exc:
             self._failed(node, str(exc))
             return False
-        if isinstance(discovery, dict):
+        except ValidationError as exc:
+            self._failed(node, f"neuron '{node.name}' answered a poll outside the contract: {_first_error(exc)}")
+            return False
+        if discovery is not None:
             self.state.apply_discovery(node, discovery)
         # A load or unload this gateway made while the poll ran is newer than what it read.
-        if epoch == node.epoch and isinstance(models, list):
-            self.state.apply_models(node, models)
-        if isinstance(health, dict):
-            self.state.apply_health(node, health)
+        if epoch == node.epoch:
+            self.state.apply_models(node, parsed_models)
+        self.state.apply_health(node, parsed_health)
         if self.state.mark_ok(node):
             log_event(log, "node.healthy", node=node.name, devices=len(node.devices), models=len(node.replicas))
         self.metrics.observe_node(node)
@@ -105,13 +112,15 @@ class Poller:
             self.metrics.observe_node(node)
         return False
 
-    async def refresh_models(self, node: Node) -> list[dict[str, Any]]:
+    async def refresh_models(self, node: Node) -> list[ModelEntry]:
         """Read and apply the node's `/models` now (used while a load runs); raises on failure."""
-        models = await neuron_client.get_json(self.session, node, "/models", timeout=self.config.timeout_s)
-        if isinstance(models, list):
-            self.state.apply_models(node, models)
-            return models
-        return []
+        raw = await neuron_client.get_json(self.session, node, "/models", timeout=self.config.timeout_s)
+        try:
+            models = parse_models(raw)
+        except ValidationError as exc:
+            raise NeuronRefused(node.name, 502, f"/models outside the contract: {_first_error(exc)}") from None
+        self.state.apply_models(node, models)
+        return models
 
     def _failed(self, node: Node, error: str) -> None:
         if self.state.mark_failed(node, error, self.config.unhealthy_after):
@@ -128,3 +137,8 @@ async def _both(first: Any, second: Any) -> tuple[Any, Any]:
         if isinstance(result, BaseException):
             raise result
     return a, b
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"

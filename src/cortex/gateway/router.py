@@ -1,4 +1,4 @@
-"""Routing a request to a replica (ARCHITECTURE.md §3 "Routing a request").
+"""Routing a request to a replica (docs/gateway.md, "Routing a request").
 
 1. Resolve an alias. 2. Loaded on a healthy node → the replica with the fewest in-flight + queued
 requests. 3. Recovering (or poisoned, which its neuron is recovering) somewhere → 503 with
@@ -18,8 +18,9 @@ from typing import TypeVar
 
 from cortex.core.catalogue import Catalogue
 from cortex.core.errors import ApiError, model_not_found
+from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
 from cortex.gateway.loader import Loader, LoadJob
-from cortex.gateway.state import LOADING, RECOVERY_STATUSES, FleetState, Node, Replica
+from cortex.gateway.state import FleetState, Node, Replica
 
 KeepAlive = Callable[[], Awaitable[None]]
 T = TypeVar("T")
@@ -124,7 +125,7 @@ class Router:
                     code="model_recovering",
                     retry_after=self.retry_after_s,
                 )
-            if replica.status == LOADING:
+            if replica.status == ModelStatus.LOADING:
                 return self.loader.follow(node, model_id)
         job = self.loader.job(model_id)
         if job is not None:

@@ -1,9 +1,10 @@
 """Fleet state: what each neuron reported at its last poll, plus what this gateway just did.
 
 Neurons are the source of truth. This is a cache rebuilt from polling `/discovery`, `/health` and
-`/models`; the only facts it adds are the gateway's own (requests it has in flight on a replica,
-when it last used one, when it first saw one loaded, VRAM it reserved for loads it started, pins
-set at run time). Nothing here survives a restart, and nothing needs to.
+`/models` (their bodies are core/neuron_api.py, described in docs/neuron-api.md); the only facts
+it adds are the gateway's own (requests it has in flight on a replica, when it last used one, when
+it first saw one loaded, VRAM it reserved for loads it started, pins set at run time). Nothing
+here survives a restart, and nothing needs to.
 """
 
 from __future__ import annotations
@@ -11,19 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from cortex.core.gateway_config import NeuronEntry
-
-# Statuses a neuron reports for a model (ARCHITECTURE.md §2).
-LOADED = "loaded"
-LOADING = "loading"
-UNLOADING = "unloading"
-POISONED = "poisoned"
-RECOVERING = "recovering"
-FAILED = "failed"
-# A poisoned model is being recovered by its neuron: both mean "come back shortly".
-RECOVERY_STATUSES = frozenset({POISONED, RECOVERING})
+from cortex.core.neuron_api import Discovery, Health, ModelEntry, ModelStatus
 
 
 @dataclass
@@ -44,12 +35,12 @@ class Replica:
 
     model_id: str
     node: str
-    status: str
+    status: ModelStatus
     devices: list[int] = field(default_factory=list)
     vram_used_mb: int = 0
     context: int | None = None
     harness: str | None = None
-    tool_call: Any = None
+    tool_call: bool = False
     load_progress: float | None = None  # 0..1 while loading
     load_stage: str | None = None
     error: str | None = None
@@ -66,7 +57,7 @@ class Replica:
 
     @property
     def routable(self) -> bool:
-        return self.status == LOADED and not self.evicting
+        return self.status == ModelStatus.LOADED and not self.evicting
 
     def busy(self) -> int:
         """Requests ahead of a new one: ours (exact, now) plus others' (as of the last poll)."""
@@ -114,33 +105,8 @@ class Node:
         return 0.0 if dev is None else dev.vram_free_mb - self.reserved_mb(device)
 
 
-def _int(value: Any, default: int = 0) -> int:
-    return int(value) if isinstance(value, int | float) else default
-
-
-def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _progress(value: Any) -> tuple[float | None, str | None]:
-    """`load_progress` as (fraction 0..1, stage): a neuron may report a number or {fraction, stage}."""
-    if isinstance(value, dict):
-        return _float(value.get("fraction")), (str(value["stage"]) if value.get("stage") else None)
-    return _float(value), None
-
-
-def _error_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        reason, message = value.get("reason"), value.get("message")
-        return f"{reason}: {message}" if reason and message else str(message or reason or value)
-    return str(value)
-
-
-def _wall_to_monotonic(value: Any, now: float) -> float | None:
+def _wall_to_monotonic(wall: float | None, now: float) -> float | None:
     """A neuron's wall-clock timestamp (seconds since the epoch) on this process's monotonic clock."""
-    wall = _float(value)
     if wall is None or wall < 1e9:
         return None
     return now - max(0.0, time.time() - wall)
@@ -174,79 +140,75 @@ class FleetState:
         return {m for node in self.healthy_nodes() for m in node.replicas}
 
     # ---- updates from polling ------------------------------------------------------------
-    def apply_discovery(self, node: Node, discovery: dict[str, Any]) -> None:
-        node.hostname = discovery.get("hostname")
+    def apply_discovery(self, node: Node, discovery: Discovery) -> None:
+        node.hostname = discovery.hostname
         seen: set[int] = set()
-        for raw in discovery.get("devices") or []:
-            index = _int(raw.get("index"), -1)
-            if index < 0:
+        for raw in discovery.devices:
+            if raw.index < 0:
                 continue
-            seen.add(index)
-            dev = node.devices.setdefault(index, Device(index))
-            dev.name = str(raw.get("name") or "")
-            dev.kind = str(raw.get("kind") or "cuda")
-            dev.vram_total_mb = _int(raw.get("vram_total_mb"))
+            seen.add(raw.index)
+            dev = node.devices.setdefault(raw.index, Device(raw.index))
+            dev.name = raw.name or ""
+            dev.kind = raw.kind
+            dev.vram_total_mb = raw.vram_total_mb
             if not dev.vram_free_mb and not dev.vram_used_mb:
                 dev.vram_free_mb = dev.vram_total_mb  # until /health says otherwise
         for index in set(node.devices) - seen:
             del node.devices[index]
         node.discovered = True
 
-    def apply_health(self, node: Node, health: dict[str, Any]) -> None:
-        for raw in health.get("devices") or []:
-            dev = node.devices.get(_int(raw.get("index"), -1))
+    def apply_health(self, node: Node, health: Health) -> None:
+        for raw in health.devices:
+            dev = node.devices.get(raw.index)
             if dev is None:
                 continue
-            dev.vram_used_mb = _int(raw.get("vram_used_mb"), dev.vram_used_mb)
-            dev.vram_free_mb = _int(raw.get("vram_free_mb"), dev.vram_free_mb)
-            if isinstance(raw.get("vram_total_mb"), int | float):
-                dev.vram_total_mb = int(raw["vram_total_mb"])
-            dev.utilization_pct = _float(raw.get("utilization_pct"))
-            dev.temp_c = _float(raw.get("temp_c"))
-        for raw in health.get("models") or []:
-            replica = node.replicas.get(str(raw.get("id")))
+            if raw.vram_used_mb is not None:
+                dev.vram_used_mb = raw.vram_used_mb
+            if raw.vram_free_mb is not None:
+                dev.vram_free_mb = raw.vram_free_mb
+            if raw.vram_total_mb is not None:
+                dev.vram_total_mb = raw.vram_total_mb
+            dev.utilization_pct = raw.utilization_pct
+            dev.temp_c = raw.temp_c
+        for model in health.models:
+            replica = node.replicas.get(model.id)
             if replica is not None:
-                replica.polled_in_flight = _int(raw.get("in_flight"))
-                replica.polled_queue_depth = _int(raw.get("queue_depth"))
+                replica.polled_in_flight = model.in_flight
+                replica.polled_queue_depth = model.queue_depth
                 # Ours finish without waiting for the next poll, so only the excess counts as others'.
                 total = replica.polled_in_flight + replica.polled_queue_depth
                 replica.others_in_flight = max(0, total - replica.in_flight)
 
-    def apply_models(self, node: Node, models: list[dict[str, Any]], now: float | None = None) -> None:
+    def apply_models(self, node: Node, models: list[ModelEntry], now: float | None = None) -> None:
         """Replace the node's model list; keep the gateway's own facts about models still there."""
         now = time.monotonic() if now is None else now
         fresh: dict[str, Replica] = {}
-        for raw in models:
-            model_id = raw.get("id")
-            if not isinstance(model_id, str):
-                continue
-            replica = node.replicas.get(model_id) or Replica(model_id, node.name, "")
-            self._update_replica(replica, raw, now)
-            fresh[model_id] = replica
+        for entry in models:
+            replica = node.replicas.get(entry.id) or Replica(entry.id, node.name, entry.status)
+            self._update_replica(replica, entry, now)
+            fresh[entry.id] = replica
         node.replicas = fresh
 
-    def _update_replica(self, replica: Replica, raw: dict[str, Any], now: float) -> None:
-        replica.status = str(raw.get("status") or "")
-        replica.devices = [d for d in raw.get("devices") or [] if isinstance(d, int)]
-        replica.vram_used_mb = _int(raw.get("vram_used_mb"))
-        limit = raw.get("limit")
-        context = _int(limit.get("context")) if isinstance(limit, dict) else 0
-        replica.context = context or None
-        replica.harness = raw.get("harness")
-        replica.tool_call = raw.get("tool_call")
-        replica.load_progress, replica.load_stage = _progress(raw.get("load_progress"))
-        replica.error = _error_text(raw.get("error"))
+    def _update_replica(self, replica: Replica, entry: ModelEntry, now: float) -> None:
+        replica.status = entry.status
+        replica.devices = list(entry.devices)
+        replica.vram_used_mb = entry.vram_used_mb
+        replica.context = entry.limit.context or None
+        replica.harness = entry.harness
+        replica.tool_call = entry.tool_call
+        replica.load_progress, replica.load_stage = entry.progress()
+        replica.error = entry.error_text()
         if replica.last_used == 0.0:
             # After a gateway restart, the neuron's own record keeps LRU order meaningful.
-            replica.last_used = _wall_to_monotonic(raw.get("last_used"), now) or 0.0
-        if replica.status == LOADED:
+            replica.last_used = _wall_to_monotonic(entry.last_used, now) or 0.0
+        if replica.status == ModelStatus.LOADED:
             if replica.resident_since is None:
-                replica.resident_since = _wall_to_monotonic(raw.get("loaded_at"), now) or now
+                replica.resident_since = _wall_to_monotonic(entry.loaded_at, now) or now
             if replica.vram_used_mb > 0:
                 self.measured_vram_mb[replica.model_id] = replica.vram_used_mb
-        elif replica.status != UNLOADING:
+        elif replica.status != ModelStatus.UNLOADING:
             replica.resident_since = None
-        if replica.status != LOADED:
+        if replica.status != ModelStatus.LOADED:
             replica.evicting = False
 
     def mark_ok(self, node: Node, now: float | None = None) -> bool:

@@ -1,4 +1,7 @@
-"""The neuron's HTTP API (ARCHITECTURE.md §2): info, lifecycle, and OpenAI inference routes."""
+"""The neuron's HTTP API: info, lifecycle and OpenAI inference routes (docs/neuron-api.md).
+
+Every control answer is a typed body from core/neuron_api.py, the contract the gateway parses.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,18 @@ from pydantic import BaseModel
 
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event, request_id_var
+from cortex.core.neuron_api import (
+    Defragmented,
+    Discovery,
+    FaultArmed,
+    FaultRequest,
+    Health,
+    ModelEndpoint,
+    ModelHealth,
+    ModelStatus,
+    TokenCount,
+    UnloadRequest,
+)
 from cortex.core.openai import ChatCompletionRequest, CompletionRequest
 from cortex.core.validation import parse_request
 from cortex.neuron.config import ModelConfig, NeuronConfig
@@ -42,6 +57,10 @@ class NeuronState:
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    elif isinstance(payload, list):
+        payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in payload]
     return web.Response(body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json")
 
 
@@ -97,7 +116,7 @@ async def get_version(request: web.Request) -> web.Response:
 
 
 async def get_discovery(request: web.Request) -> web.Response:
-    return json_response(request.app[STATE].hardware.discovery())
+    return json_response(Discovery.model_validate(request.app[STATE].hardware.discovery()))
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -106,28 +125,27 @@ async def get_health(request: web.Request) -> web.Response:
     for slot in state.lifecycle.slots.values():
         counters = slot.admission.counters
         models.append(
-            {
-                "id": slot.model_id,
-                "status": slot.status,
-                "in_flight": slot.admission.in_flight,
-                "queue_depth": slot.admission.queue_depth,
-                "max_in_flight": slot.admission.limits.max_in_flight,
-                "max_queue_depth": slot.admission.limits.max_queue_depth,
-                "admitted": counters.admitted,
-                "rejected_queue_full": counters.rejected_queue_full,
-                "rejected_timeout": counters.rejected_timeout,
-                "tok_s_decode": round(slot.loaded.tok_s_decode, 2) if slot.loaded else 0.0,
-                "faults": slot.faults,
-            }
+            ModelHealth(
+                id=slot.model_id,
+                status=slot.status,
+                in_flight=slot.admission.in_flight,
+                queue_depth=slot.admission.queue_depth,
+                max_in_flight=slot.admission.limits.max_in_flight,
+                max_queue_depth=slot.admission.limits.max_queue_depth,
+                admitted=counters.admitted,
+                rejected_queue_full=counters.rejected_queue_full,
+                rejected_timeout=counters.rejected_timeout,
+                tok_s_decode=round(slot.loaded.tok_s_decode, 2) if slot.loaded else 0.0,
+                faults=slot.faults,
+            )
         )
-    return json_response(
-        {
-            "status": "ok",
-            "uptime_s": round(time.monotonic() - state.started, 3),
-            "devices": state.hardware.device_health(state.lifecycle.cpu_used_mb()),
-            "models": models,
-        }
+    health = Health(
+        status="ok",
+        uptime_s=round(time.monotonic() - state.started, 3),
+        devices=state.hardware.device_health(state.lifecycle.cpu_used_mb()),
+        models=models,
     )
+    return json_response(health)
 
 
 async def get_models(request: web.Request) -> web.Response:
@@ -140,12 +158,12 @@ async def get_endpoint(request: web.Request) -> web.Response:
     state.lifecycle.ready(model_id)
     base = f"{request.scheme}://{request.host}"
     return json_response(
-        {
-            "model_id": model_id,
-            "base_url": f"{base}/v1",
-            "chat_completions": f"{base}/v1/chat/completions",
-            "completions": f"{base}/v1/completions",
-        }
+        ModelEndpoint(
+            model_id=model_id,
+            base_url=f"{base}/v1",
+            chat_completions=f"{base}/v1/chat/completions",
+            completions=f"{base}/v1/completions",
+        )
     )
 
 
@@ -156,27 +174,18 @@ async def post_load(request: web.Request) -> web.Response:
     require_token(request)
     model = await parse_body(request, ModelConfig)
     slot = request.app[STATE].lifecycle.request_load(model)
-    return json_response(slot.describe(), 200 if slot.status == "loaded" else 202)
-
-
-class UnloadBody(BaseModel):
-    model_id: str
+    return json_response(slot.describe(), 200 if slot.status == ModelStatus.LOADED else 202)
 
 
 async def post_unload(request: web.Request) -> web.Response:
     require_token(request)
-    body = await parse_body(request, UnloadBody)
+    body = await parse_body(request, UnloadRequest)
     return json_response(await request.app[STATE].lifecycle.unload(body.model_id))
 
 
 async def post_defragment(request: web.Request) -> web.Response:
     require_token(request)
-    return json_response({"devices": await request.app[STATE].lifecycle.defragment()})
-
-
-class FaultBody(BaseModel):
-    model_id: str
-    count: int = 1
+    return json_response(Defragmented(devices=await request.app[STATE].lifecycle.defragment()))
 
 
 async def post_fault(request: web.Request) -> web.Response:
@@ -184,10 +193,10 @@ async def post_fault(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.config.fault_injection:
         raise ApiError(404, "Fault injection is disabled (fault_injection = false)", type="not_found_error")
-    body = await parse_body(request, FaultBody)
+    body = await parse_body(request, FaultRequest)
     _, model = state.lifecycle.ready(body.model_id)
     model.inject_fault(body.count)
-    return json_response({"model_id": body.model_id, "faults_armed": body.count})
+    return json_response(FaultArmed(model_id=body.model_id, faults_armed=body.count))
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -209,7 +218,7 @@ async def post_tokenize(request: web.Request) -> web.Response:
     """Prompt tokens of a chat request, with the model's own tokenizer and template."""
     state = request.app[STATE]
     req = await parse_body(request, ChatCompletionRequest)
-    return json_response({"model": req.model, "prompt_tokens": await state.inference.count_chat_tokens(req)})
+    return json_response(TokenCount(model=req.model, prompt_tokens=await state.inference.count_chat_tokens(req)))
 
 
 async def not_found(request: web.Request) -> web.Response:

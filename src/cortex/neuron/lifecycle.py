@@ -11,11 +11,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cortex.core.errors import ApiError, model_not_found
 from cortex.core.logs import log_event
+from cortex.core.neuron_api import (
+    KvStats,
+    LoadProgress,
+    ModelEntry,
+    ModelError,
+    ModelLimit,
+    ModelStatus,
+    Unloaded,
+)
 from cortex.neuron.admission import Admission
 from cortex.neuron.config import ModelConfig, NeuronConfig
 from cortex.neuron.engine import Engine, LoadedModel
@@ -33,46 +42,53 @@ DRAIN_TIMEOUT_S = 30.0
 class ModelSlot:
     config: ModelConfig
     admission: Admission
-    status: str = "loading"
+    status: ModelStatus = ModelStatus.LOADING
     device: Device | None = None
     loaded: LoadedModel | None = None
-    error: dict[str, str] | None = None
-    progress: dict[str, Any] | None = None
+    error: ModelError | None = None
+    progress: LoadProgress | None = None
     task: asyncio.Task[None] | None = None
     loaded_at: float | None = None
     last_used: float | None = None
     load_seconds: float | None = None
     faults: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
         return self.config.model_id
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelEntry:
         info = self.loaded.info if self.loaded else None
-        entry: dict[str, Any] = {
-            "id": self.model_id,
-            "status": self.status,
-            "harness": self.config.harness,
-            "devices": [self.device.index] if self.device else [],
-            "device_kind": self.device.kind if self.device else None,
-            "vram_used_mb": round(info.memory_bytes / 2**20) if info else 0,
-            "limit": {"context": info.context_length if info else None},
-            "tool_call": bool(info and info.tool_call_format),
-            "tool_call_format": info.tool_call_format if info else None,
-            "architecture": info.architecture if info else None,
-            "dtype": info.dtype if info else None,
-            "source": self.config.source,
-            "loaded_at": self.loaded_at,
-            "last_used": self.last_used,
-            "load_seconds": self.load_seconds,
-        }
-        if self.progress is not None and self.status in ("loading", "recovering"):
-            entry["load_progress"] = self.progress
-        if self.error is not None:
-            entry["error"] = self.error
-        return entry
+        shows_progress = self.status in (ModelStatus.LOADING, ModelStatus.RECOVERING)
+        return ModelEntry(
+            id=self.model_id,
+            status=self.status,
+            harness=self.config.harness,
+            devices=[self.device.index] if self.device else [],
+            device_kind=self.device.kind if self.device else None,
+            vram_used_mb=round(info.memory_bytes / 2**20) if info else 0,
+            limit=ModelLimit(context=info.context_length if info else None),
+            tool_call=bool(info and info.tool_call_format),
+            tool_call_format=info.tool_call_format if info else None,
+            architecture=info.architecture if info else None,
+            dtype=info.dtype if info else None,
+            source=self.config.source,
+            loaded_at=self.loaded_at,
+            last_used=self.last_used,
+            load_seconds=self.load_seconds,
+            load_progress=self.progress if shows_progress else None,
+            error=self.error,
+            kv=kv_stats(self.loaded),
+        )
+
+
+def kv_stats(loaded: LoadedModel | None) -> KvStats | None:
+    """The model's paged KV cache figures, when its engine keeps one (`LoadedModel.kv_stats()`)."""
+    stats = getattr(loaded, "kv_stats", None) if loaded is not None else None
+    if stats is None:
+        return None
+    figures = stats()
+    return None if figures is None else KvStats.model_validate(figures)
 
 
 class Lifecycle:
@@ -84,7 +100,7 @@ class Lifecycle:
 
     # --- queries -----------------------------------------------------------------------------
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[ModelEntry]:
         return [slot.describe() for slot in self.slots.values()]
 
     def cpu_used_mb(self) -> int:
@@ -97,16 +113,16 @@ class Lifecycle:
     def ready(self, model_id: str) -> tuple[ModelSlot, LoadedModel]:
         """The slot of a model that can serve now, or the error the client should see."""
         slot = self.slots.get(model_id)
-        if slot is None or slot.status == "failed":
+        if slot is None or slot.status == ModelStatus.FAILED:
             raise model_not_found(model_id)
-        if slot.status in ("poisoned", "recovering"):
+        if slot.status in (ModelStatus.POISONED, ModelStatus.RECOVERING):
             raise ApiError(
                 503,
                 f"Model '{model_id}' hit a device fault and is being reloaded; retry shortly",
                 code="model_recovering",
                 retry_after=RECOVERY_RETRY_AFTER_S,
             )
-        if slot.status != "loaded" or slot.loaded is None:
+        if slot.status != ModelStatus.LOADED or slot.loaded is None:
             raise ApiError(
                 503, f"Model '{model_id}' is {slot.status}; retry shortly", code=f"model_{slot.status}", retry_after=5
             )
@@ -117,9 +133,14 @@ class Lifecycle:
     def request_load(self, model: ModelConfig) -> ModelSlot:
         """Start loading `model` unless it is loading or loaded already (single flight)."""
         existing = self.slots.get(model.model_id)
-        if existing is not None and existing.status in ("loading", "loaded", "recovering", "poisoned"):
+        if existing is not None and existing.status in (
+            ModelStatus.LOADING,
+            ModelStatus.LOADED,
+            ModelStatus.RECOVERING,
+            ModelStatus.POISONED,
+        ):
             return existing
-        if existing is not None and existing.status == "unloading":
+        if existing is not None and existing.status == ModelStatus.UNLOADING:
             raise ApiError(409, f"Model '{model.model_id}' is unloading; load it again once it is gone")
         source = resolve_source(model.model_id, model.source, self.config.model_roots, model.revision)
         device = self._pick_device(model)
@@ -157,11 +178,11 @@ class Lifecycle:
 
     async def _load(self, slot: ModelSlot, spec: LoadSpec) -> None:
         started = time.monotonic()
-        slot.progress = {"fraction": 0.0, "stage": "queued"}
+        slot.progress = LoadProgress(fraction=0.0, stage="queued")
         log_event(log, "model.load.start", model=slot.model_id, device=spec.device, source_kind=spec.source.kind)
 
         def progress(fraction: float, stage: str) -> None:
-            slot.progress = {"fraction": round(fraction, 3), "stage": stage}
+            slot.progress = LoadProgress(fraction=round(fraction, 3), stage=stage)
 
         try:
             loaded = await self.engine.load(spec, progress)
@@ -170,13 +191,14 @@ class Lifecycle:
             await self._fail(slot, exc.reason, str(exc))
             return
         except asyncio.CancelledError:
-            slot.status, slot.error = "failed", {"reason": "cancelled", "message": "load cancelled at shutdown"}
+            slot.status = ModelStatus.FAILED
+            slot.error = ModelError(reason="cancelled", message="load cancelled at shutdown")
             raise
         except Exception as exc:  # a loader bug must still leave a clear entry, not a dead task
             log.exception("unexpected load failure")
             await self._fail(slot, "error", f"{type(exc).__name__}: {exc}")
             return
-        slot.loaded, slot.status, slot.error = loaded, "loaded", None
+        slot.loaded, slot.status, slot.error = loaded, ModelStatus.LOADED, None
         slot.loaded_at = time.time()
         slot.load_seconds = round(time.monotonic() - started, 3)
         log_event(
@@ -204,21 +226,22 @@ class Lifecycle:
         if slot.loaded is not None:
             loaded, slot.loaded = slot.loaded, None
             await self.engine.unload(loaded)
-        slot.status, slot.error, slot.progress = "failed", {"reason": reason, "message": message}, None
+        slot.status, slot.progress = ModelStatus.FAILED, None
+        slot.error = ModelError(reason=reason, message=message)
         log_event(log, "model.load.failed", logging.WARNING, model=slot.model_id, reason=reason, message=message)
 
     # --- unload ------------------------------------------------------------------------------
 
-    async def unload(self, model_id: str) -> dict[str, Any]:
+    async def unload(self, model_id: str) -> Unloaded:
         slot = self.slots.get(model_id)
         if slot is None:
             raise model_not_found(model_id)
-        if slot.status in ("loading", "recovering"):
+        if slot.status in (ModelStatus.LOADING, ModelStatus.RECOVERING):
             raise ApiError(409, f"Model '{model_id}' is {slot.status}; unload it once that finishes", code="busy")
-        if slot.status == "failed":
+        if slot.status == ModelStatus.FAILED:
             del self.slots[model_id]
-            return {"model_id": model_id, "freed_mb": 0}
-        slot.status = "unloading"
+            return Unloaded(model_id=model_id, freed_mb=0)
+        slot.status = ModelStatus.UNLOADING
         await self._drain(slot)
         freed = 0
         if slot.loaded is not None:
@@ -226,7 +249,7 @@ class Lifecycle:
             freed = await self.engine.unload(loaded)
         self.slots.pop(model_id, None)
         log_event(log, "model.unload", model=model_id, freed_mb=round(freed / 2**20))
-        return {"model_id": model_id, "freed_mb": round(freed / 2**20)}
+        return Unloaded(model_id=model_id, freed_mb=round(freed / 2**20))
 
     async def _drain(self, slot: ModelSlot) -> None:
         try:
@@ -240,16 +263,16 @@ class Lifecycle:
 
     def poison(self, slot: ModelSlot, message: str) -> None:
         """Mark the model poisoned and start its single-flight recovery."""
-        if slot.status != "loaded":
+        if slot.status != ModelStatus.LOADED:
             return
-        slot.status, slot.faults = "poisoned", slot.faults + 1
-        slot.error = {"reason": "device_fault", "message": message}
+        slot.status, slot.faults = ModelStatus.POISONED, slot.faults + 1
+        slot.error = ModelError(reason="device_fault", message=message)
         log_event(log, "model.poisoned", logging.ERROR, model=slot.model_id, message=message)
         slot.task = asyncio.create_task(self._recover(slot), name=f"recover:{slot.model_id}")
 
     async def _recover(self, slot: ModelSlot) -> None:
-        slot.status = "recovering"
-        slot.progress = {"fraction": 0.0, "stage": "unloading"}
+        slot.status = ModelStatus.RECOVERING
+        slot.progress = LoadProgress(fraction=0.0, stage="unloading")
         try:
             await self._drain(slot)
             if slot.loaded is not None:
@@ -262,7 +285,7 @@ class Lifecycle:
             await self._fail(slot, "recovery_failed", f"{type(exc).__name__}: {exc}")
             return
         await self._load(slot, self._spec(slot.config, source, slot.device))
-        if slot.status == "loaded":
+        if slot.status == ModelStatus.LOADED:
             log_event(log, "model.recovered", model=slot.model_id)
 
     # --- maintenance -------------------------------------------------------------------------

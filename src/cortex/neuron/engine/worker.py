@@ -3,6 +3,10 @@
 Loads, forwards, cache resets, memory queries and unloads all run here as jobs from one FIFO queue,
 so tensors never cross threads and work for different models on one device interleaves job by job.
 The asyncio loop only posts jobs and awaits their futures; it never computes.
+
+If the thread cannot bind its device (a CPU-only torch on a GPU host, a bad ordinal), it records why
+and stops: every queued job and every later `post`/`submit` fails at once with `DeviceUnavailable`,
+so a load reports that reason instead of waiting forever on a thread that is gone.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .types import LoadError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -23,6 +29,13 @@ T = TypeVar("T")
 
 class WorkerClosed(RuntimeError):
     """The worker was closed: no new jobs are accepted."""
+
+
+class DeviceUnavailable(WorkerClosed, LoadError):
+    """The worker could not bind its device, so it runs nothing; a load sees reason `device_unavailable`."""
+
+    def __init__(self, message: str) -> None:
+        LoadError.__init__(self, "device_unavailable", message)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class DeviceWorker:
         self._jobs: deque[Job] = deque()
         self._wakeup = threading.Condition()
         self._closed = False
+        self._failure: str | None = None  # why the device could not be bound
         self._thread = threading.Thread(target=self._run, name=f"cortex-device-{device}", daemon=True)
         self._thread.start()
 
@@ -48,9 +62,16 @@ class DeviceWorker:
     def thread(self) -> threading.Thread:
         return self._thread
 
+    @property
+    def failure(self) -> str | None:
+        """Why the device could not be bound, once the thread has given up; None while it serves."""
+        return self._failure
+
     def post(self, run: Callable[[], None], abandon: Callable[[], None] = _nothing) -> None:
         """Queue a fire-and-forget job; `abandon` runs instead if the worker closes before it does."""
         with self._wakeup:
+            if self._failure is not None:
+                raise DeviceUnavailable(self._failure)
             if self._closed:
                 raise WorkerClosed(f"device worker {self.device} is closed")
             self._jobs.append(Job(run, abandon))
@@ -70,7 +91,17 @@ class DeviceWorker:
             else:
                 future.set_result(result)
 
-        self.post(run, abandon=future.cancel)
+        def abandon() -> None:
+            # A worker that lost its device says why; one closed on purpose just cancels.
+            if self._failure is not None and future.set_running_or_notify_cancel():
+                future.set_exception(DeviceUnavailable(self._failure))
+            else:
+                future.cancel()
+
+        try:
+            self.post(run, abandon)
+        except DeviceUnavailable as exc:
+            future.set_exception(exc)
         return future
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -85,7 +116,16 @@ class DeviceWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        self._bind_device()
+        try:
+            self._bind_device()
+        except BaseException as exc:  # the thread must not die silently: every job would wait forever
+            log.error("device %s: cannot bind the device, failing its jobs: %s", self.device, exc)
+            with self._wakeup:
+                why = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+                self._failure = f"device {self.device} is unavailable: {why}"
+                self._closed = True
+            self._abandon_queued()
+            return
         while True:
             job = self._next_job()
             if job is None:
@@ -115,7 +155,22 @@ class DeviceWorker:
 
     def _bind_device(self) -> None:
         # The current CUDA device is per thread: bind it once so every op here lands on our device.
-        if self.device.startswith("cuda"):
-            import torch
+        import torch
 
-            torch.cuda.set_device(torch.device(self.device))
+        device = torch.device(self.device)  # a name torch does not know fails here, not in the first load
+        if device.type == "cuda":
+            check_cuda_device(device.index or 0)
+            torch.cuda.set_device(device)
+
+
+def check_cuda_device(index: int) -> None:
+    """Raise RuntimeError with the plain reason why CUDA device `index` cannot be used by this torch."""
+    import torch
+
+    if torch.version.cuda is None:
+        raise RuntimeError(f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build to use GPUs")
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch sees no usable CUDA device (driver missing, or CUDA_VISIBLE_DEVICES hides them)")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise RuntimeError(f"there is no cuda:{index}: torch sees {count} CUDA device(s)")

@@ -45,6 +45,15 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _part_types(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        if isinstance(v, list):
+            for index, part in enumerate(v):
+                if not isinstance(part.get("type"), str):
+                    raise ValueError(f"content part {index} needs a string 'type'")
+        return v
+
     def text(self) -> str:
         """The message's text content, text parts joined; non-text parts are not text."""
         if self.content is None:

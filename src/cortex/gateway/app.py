@@ -24,6 +24,7 @@ from cortex.gateway import admin, dialect_routes, listing, proxy, wire
 from cortex.gateway.keys import GATEWAY
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.runtime import Gateway
+from cortex.hardening.http import HardenedRunner, harden
 
 log = logging.getLogger("cortex.gateway")
 
@@ -42,7 +43,11 @@ def build_app(gateway: Gateway) -> web.Application:
         module.register(app)
     # Last: anything unmatched gets a 404 in the caller's dialect (a catch-all costs matched routes nothing).
     app.router.add_route("*", "/{tail:.*}", _not_found)
-    return app
+    return harden(app, _error_in_dialect, max_body_bytes=gateway.config.gateway.max_body_bytes)
+
+
+def _error_in_dialect(request: web.Request, err: ApiError) -> web.Response:
+    return wire.error_in_dialect(request, err, wire.request_id(request))
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -56,13 +61,13 @@ def build_metrics_app(gateway: Gateway) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    return app
+    return harden(app, _error_in_dialect, max_body_bytes=1024 * 1024)
 
 
 async def _site(app: web.Application, listen: str) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # neuron connection, which stops the generation there.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = HardenedRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     host, port = parse_listen(listen)
     await web.TCPSite(runner, host, port, backlog=2048, reuse_address=True).start()

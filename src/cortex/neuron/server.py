@@ -11,7 +11,8 @@ from aiohttp import web
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import log_event
-from cortex.neuron.app import NeuronState, build_app
+from cortex.hardening.http import HardenedRunner, harden
+from cortex.neuron.app import NeuronState, build_app, error_response
 from cortex.neuron.config import NeuronConfig, parse_listen
 from cortex.neuron.engine import Engine
 from cortex.neuron.hardware import Hardware
@@ -35,7 +36,8 @@ async def serve(config: NeuronConfig) -> None:
     version_info()  # imports torch now, not inside the first /version request
     host, port = parse_listen(config.listen)
     # handler_cancellation: a client that goes away cancels its handler, and so its generation.
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    app = harden(build_app(state), lambda _, err: error_response(err), max_body_bytes=config.max_request_bytes)
+    runner = HardenedRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -43,7 +43,10 @@ def resolve_source(
 
 
 def _local_source(location: str, roots: list[Path]) -> ModelSource:
-    path = Path(location).expanduser().resolve()
+    try:
+        path = Path(location).expanduser().resolve()
+    except (ValueError, OSError, RuntimeError):  # a NUL byte, an unknown ~user, a symlink loop
+        raise ApiError(400, "source is not a usable local path", param="source", code="invalid_path") from None
     if not _under(path, roots):
         raise ApiError(
             403,

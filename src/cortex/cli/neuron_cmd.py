@@ -18,6 +18,23 @@ if TYPE_CHECKING:
 app = typer.Typer(help="cortex node daemon: serves local models in-process on this host's GPUs (or CPU).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import cortex
+
+        typer.echo(f"neuron {cortex.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """cortex node daemon: serves local models in-process on this host's GPUs (or CPU)."""
+
+
 @app.command()
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="neuron.toml")] = None,
@@ -35,10 +52,19 @@ def serve(
         typer.echo(f"neuron: configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(cfg.log_level)
+    # A daemon's log is lines, not terminal progress bars (hub downloads, GGUF conversion): `cortex load`
+    # and `cortex up` show progress from /models instead. An explicit setting in the environment wins.
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(key, "1")
     _configure_threads(cfg)
+    from cortex.neuron.hardware import HardwareError
     from cortex.neuron.server import run  # torch is imported only once the config is known good
 
-    run(cfg)
+    try:
+        run(cfg)
+    except HardwareError as exc:
+        typer.echo(f"neuron: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _configure_threads(cfg: NeuronConfig) -> None:

@@ -1,4 +1,4 @@
-"""End to end: a real `cortex serve` process in front of a scripted neuron, driven by the official SDKs.
+"""End to end: a real `cortex serve` process in front of the fake neuron replying by script, driven by the SDKs.
 
 Covers `/v1/messages` (+ `?beta=true`), `/v1/messages/count_tokens` and `/v1/responses`: text,
 streaming, two-turn tool loops for Anthropic, OpenAI Chat and Responses clients on one model,
@@ -9,7 +9,6 @@ and Claude Code's real request shape. What reached the neuron is read back from 
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ from tests.dialects.schemas import (
     assert_response,
     assert_responses_event,
 )
-from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_gateway, wait_until
-from tests.support.procs import Daemon, free_port, get_json, spawn, wait_http
+from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_fake_neuron, run_gateway, wait_until
+from tests.support.procs import Daemon, get_json
 
 MODEL = "scripted"
 KEY = "sk-dialect-test"
@@ -82,7 +81,7 @@ class Fleet:
     neuron: Daemon
 
     def neuron_log(self) -> dict[str, Any]:
-        return get_json(f"{self.neuron.url}/_script/log")
+        return get_json(f"{self.neuron.url}/_fake/log")
 
     def last_chat(self) -> dict[str, Any]:
         return self.neuron_log()["chat"][-1]
@@ -97,21 +96,22 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("dialects")
-    port = free_port()
-    spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"name": "scripted", "preloaded": [MODEL], "catalogue_load_delay_s": 1.2}))
-    args = [sys.executable, "-m", "tests.dialects.scripted_neuron", "--port", str(port), "--spec", str(spec)]
-    log_path = tmp / "scripted.log"
-    proc = spawn(args, log_path)
-    neuron = Daemon(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_http(f"{neuron.url}/version", proc, log_path, timeout=30)
+    spec = {
+        "name": "scripted",
+        "replies": "script",
+        "preloaded": [MODEL],
+        "load_delay_s": 1.2,
+        "devices": [{"vram_total_mb": 80000}],
+        "default_size_mb": 100,
+        "context": 4096,
+        "tool_call": True,
+        "retry_after_s": 2,
+    }
+    with run_fake_neuron(tmp, spec) as neuron:
         config = cortex_toml({"scripted": neuron.url}, keepalive_interval_s=0.2)
         env = {"CORTEX_GATEWAY__API_KEYS": json.dumps([KEY]), "CORTEX_GATEWAY__MAX_BODY_BYTES": "200000"}
         with run_gateway(tmp, config, MODELS_TOML, env=env, wait_healthy=1) as gateway:
             yield Fleet(gateway, neuron)
-    finally:
-        neuron.stop()
 
 
 # ------------------------------------------------------------------------------ raw HTTP helpers
@@ -463,7 +463,7 @@ def test_anthropic_pings_during_a_cold_load(fleet: Fleet) -> None:
     names = [name for name, _ in events]
     assert names[0] == "message_start" and names.count("ping") >= 3
     assert names.index("ping") < names.index("content_block_start") and names[-1] == "message_stop"
-    assert "cold-anthropic" in fleet.neuron_log()["loads"]
+    assert "cold-anthropic" in [load["model_id"] for load in fleet.neuron_log()["loads"]]
 
 
 def test_responses_comments_during_a_cold_load(fleet: Fleet) -> None:

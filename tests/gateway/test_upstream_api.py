@@ -113,4 +113,4 @@ async def test_leaving_a_stream_early_cancels_the_generation(gateway) -> None:
 async def test_post_reaches_any_neuron_route_for_the_routed_model(gateway) -> None:
     gw, _ = gateway
     counted = await gw.upstream.post("alias", "/v1/chat/tokenize", {"messages": MESSAGES * 2})
-    assert counted == {"prompt_tokens": 14}
+    assert counted == {"model": "m", "prompt_tokens": 14}

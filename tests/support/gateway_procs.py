@@ -103,12 +103,12 @@ def run_gateway(
 
 @contextlib.contextmanager
 def run_fake_neuron(tmp: Path, spec: dict[str, Any], *, port: int | None = None) -> Iterator[Daemon]:
-    """A fake neuron process (tests/gateway/fake_neuron.py) with the given spec."""
+    """A fake neuron process (tests/support/fake_neuron.py) with the given spec."""
     port = port or free_port()
     spec_path = tmp / f"fake-{port}.json"
     spec_path.write_text(json.dumps(spec))
     log_path = tmp / f"fake-{port}.log"
-    args = [sys.executable, "-m", "tests.gateway.fake_neuron", "--port", str(port), "--spec", str(spec_path)]
+    args = [sys.executable, "-m", "tests.support.fake_neuron", "--port", str(port), "--spec", str(spec_path)]
     proc = spawn(args, log_path)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", log_path)
     try:

@@ -17,11 +17,22 @@ from typing import Any
 
 import torch
 
+from .attention import KVPool
+from .blocks import BlockManager
 from .chat import ChatRenderer
 from .loader import LoadedWeights, classify_load_failure, describe, eos_token_ids, load_weights
-from .memory import cuda_allocated, device_memory, is_cuda, module_bytes, release_memory
+from .memory import (
+    KVBudget,
+    cuda_allocated,
+    device_memory,
+    is_cuda,
+    kv_pool_blocks,
+    kv_pool_bytes,
+    module_bytes,
+    release_memory,
+)
 from .reasoning import ReasoningParser, prompt_opens_thinking, template_thinks
-from .runner import ModelRunner
+from .runner import ModelRunner, kv_shape
 from .scheduler import Scheduler, SchedulerOptions
 from .tools import ToolCallParser
 from .types import (
@@ -39,23 +50,39 @@ from .worker import DeviceWorker
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-CPU_PREFILL_CHUNK = 256  # a CPU prefills a few hundred tokens/s: keep each step short for the others
-CUDA_PREFILL_CHUNK = 2048
+# Tokens computed per step (one per decoding sequence + prefill chunks). A step is one forward, so
+# its size sets how long running streams wait for their next token while a prompt is prefilled.
+# CPU: ~256 tokens of a small model cost about what 8 decode rows do plus one prefill of a typical
+# chat prompt, so a new prompt enters in one step and decoders slow by at most about 2x for it.
+# CUDA: a 512-token chunk of an 8B model is ~8 TFLOP, about one extra decode step on an H100/H200;
+# 2048 would stall every stream for several steps.
+CPU_STEP_TOKENS = 256
+CUDA_STEP_TOKENS = 512
+SEQUENCE_CAPACITY_TOKENS = 4096  # sequence_capacity assumes sequences of up to this many tokens
 PROMPT_TAIL_TOKENS = 8  # enough of the prompt's end to see whether it opened a <think> block
 
 
 class LoadedModel:
     """A model served by one scheduler on one device worker."""
 
-    def __init__(self, weights: LoadedWeights, worker: DeviceWorker, options: SchedulerOptions) -> None:
+    def __init__(
+        self, weights: LoadedWeights, worker: DeviceWorker, options: SchedulerOptions, kv_budget: KVBudget
+    ) -> None:
         self.info: ModelInfo = weights.info
         self._worker = worker
         self._tokenizer: Any = weights.tokenizer
         self._renderer = ChatRenderer(weights.tokenizer)
         self._module_ref = weakref.ref(weights.module)
+        shape = kv_shape(weights.module)
+        device = torch.device(weights.info.device)
+        pool_bytes = kv_pool_bytes(weights.info.device, kv_budget)
+        blocks = kv_pool_blocks(pool_bytes, shape.bytes_per_token, weights.info.context_length, kv_budget)
+        pool = KVPool(shape.layers, blocks, kv_budget.block_size, shape.kv_heads, shape.head_dim, shape.dtype, device)
+        self._kv_bytes = pool.bytes
         self._scheduler = Scheduler(
             worker,
-            ModelRunner(weights.module, weights.info.device),
+            ModelRunner(weights.module, weights.info.device, pool),
+            BlockManager(blocks, kv_budget.block_size),
             weights.tokenizer,
             weights.eos_ids,
             weights.info.context_length,
@@ -123,6 +150,28 @@ class LoadedModel:
         """Test hook: the next `count` forwards raise DeviceFault, as a device fault would."""
         self._scheduler.inject_fault(count)
 
+    def kv_stats(self) -> dict[str, int]:
+        """The KV pool's capacity and use (for /models): blocks of `block_size` tokens; cached = free but reusable."""
+        blocks = self._scheduler.blocks
+        return {
+            "block_size": blocks.block_size,
+            "blocks_total": blocks.usable_blocks,
+            "blocks_used": blocks.used_blocks,
+            "blocks_cached": blocks.cached_blocks,
+            "tokens_capacity": blocks.usable_blocks * blocks.block_size,
+            "bytes": self._kv_bytes,
+            "prefix_hit_tokens": blocks.hit_tokens,
+            "prefix_lookup_tokens": blocks.lookup_tokens,
+            "preemptions": self._scheduler.preemptions,
+        }
+
+    @property
+    def sequence_capacity(self) -> int:
+        """How many sequences of up to SEQUENCE_CAPACITY_TOKENS (or the context) the KV pool holds at once."""
+        blocks = self._scheduler.blocks
+        per_sequence = blocks.blocks_for(min(self.info.context_length, SEQUENCE_CAPACITY_TOKENS))
+        return max(1, blocks.usable_blocks // per_sequence)
+
     @property
     def in_flight(self) -> int:
         return self._scheduler.in_flight
@@ -180,15 +229,17 @@ class Engine:
         self,
         devices: list[str],
         *,
-        max_active_sequences: int = 32,
-        prefill_chunk_tokens: int | None = None,
+        max_active_sequences: int | None = None,
+        step_tokens: int | None = None,
+        kv_budget: KVBudget | None = None,
     ) -> None:
         if not devices:
             raise ValueError("an engine needs at least one device")
         self._workers = {name: DeviceWorker(name) for name in dict.fromkeys(normalise_device(d) for d in devices)}
         self._models: dict[str, list[LoadedModel]] = {name: [] for name in self._workers}
         self._max_active = max_active_sequences
-        self._prefill_chunk = prefill_chunk_tokens
+        self._step_tokens = step_tokens
+        self._kv_budget = kv_budget or KVBudget()
 
     @property
     def devices(self) -> list[str]:
@@ -260,8 +311,8 @@ class Engine:
         return sum(m.info.memory_bytes for m in self._models.get(device, []))
 
     def _options(self, device: str) -> SchedulerOptions:
-        chunk = self._prefill_chunk or (CUDA_PREFILL_CHUNK if is_cuda(device) else CPU_PREFILL_CHUNK)
-        return SchedulerOptions(max_active=self._max_active, prefill_chunk=chunk)
+        step = self._step_tokens or (CUDA_STEP_TOKENS if is_cuda(device) else CPU_STEP_TOKENS)
+        return SchedulerOptions(max_active=self._max_active, step_tokens=step)
 
     async def _serve(self, worker: DeviceWorker, job: Callable[[], LoadedModel]) -> LoadedModel:
         future = worker.submit(job)
@@ -302,7 +353,7 @@ class Engine:
     ) -> LoadedModel:
         """Worker thread: get the weights, start a scheduler, warm up. Raises LoadError only."""
         try:
-            model = LoadedModel(weights(), worker, self._options(worker.device))
+            model = LoadedModel(weights(), worker, self._options(worker.device), self._kv_budget)
             report(0.95, "warming up")
             model._warm_up()
             report(1.0, "loaded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -80,3 +81,45 @@ def _malloc_trim() -> None:
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:  # glibc only
         trim(0)
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """How much memory a model's paged KV pool may take (an explicit share: co-resident models must fit).
+
+    CUDA: `cuda_fraction` of the device memory free once the weights are loaded. CPU: `cpu_fraction`
+    of the CPU device budget (`cpu_budget_bytes`, the neuron's `[devices]` budget; default half of the
+    host's RAM), or `cpu_bytes` exactly. Either way the pool holds at least one full context and at most
+    `max_contexts` of them (more could never be used at once by the sequences a batch runs).
+    """
+
+    cuda_fraction: float = 0.5
+    cpu_fraction: float = 0.25
+    cpu_budget_bytes: int | None = None
+    cpu_bytes: int | None = None
+    block_size: int = 16
+    max_contexts: int = 64
+
+
+def kv_pool_bytes(device: str, budget: KVBudget) -> int:
+    """Worker thread, after the weights are loaded: the bytes the KV pool may take on `device`."""
+    if is_cuda(device):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * budget.cuda_fraction)
+    if budget.cpu_bytes is not None:
+        return budget.cpu_bytes
+    host = budget.cpu_budget_bytes
+    if host is None:
+        import psutil
+
+        host = int(psutil.virtual_memory().total * 0.5)
+    return int(host * budget.cpu_fraction)
+
+
+def kv_pool_blocks(pool_bytes: int, bytes_per_token: int, context_length: int, budget: KVBudget) -> int:
+    """Blocks of the pool (block 0, the padding block, included)."""
+    size = budget.block_size
+    per_block = bytes_per_token * size
+    context_blocks = -(-context_length // size) + 1
+    blocks = pool_bytes // per_block
+    return 1 + max(context_blocks, min(blocks, context_blocks * budget.max_contexts))

@@ -1,61 +1,127 @@
-"""The lean forward pass of one model: its own KV cache per call, last-position logits only.
+"""The lean forward pass of one model over a packed, ragged batch, on its paged KV pool.
 
-No `generate()`: the model is called directly with the sequence's cache, so a decode step costs one
-forward plus a few tensor ops. Positions come from the cache length, which keeps chunked prefill and
-decode on the same path. (A CUDA-graph path would swap `DynamicCache` for a static cache and pass
-explicit position ids; see docs/engine.md.)
+No `generate()` and no transformers cache object: the model is called directly with `input_ids` and
+`position_ids` of shape [1, T] (every running sequence's tokens of this step, packed), its attention
+implementation set to our paged attention (attention.py), which reads the step's `AttentionContext`.
+`logits_to_keep` is the index tensor of the rows that sample, so only those are projected onto the
+vocabulary.
+
+A 4-D placeholder `attention_mask` makes transformers' mask builders return it unchanged, so no
+[T, T] mask is ever built (our attention builds what each sequence needs from the context).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .types import DeviceFault
+from .attention import ATTENTION_NAME, AttentionContext, KVPool, PrefillChunk, register, set_context
+from .types import DeviceFault, LoadError
+
+if TYPE_CHECKING:
+    from .cuda_graphs import DecodeGraphs
+
+# Architectures whose attention layers call transformers' AttentionInterface with plain causal
+# self-attention (no sliding window, sinks, soft-capping or ALiBi), which the paged path reproduces.
+PAGED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+
+
+@dataclass
+class StepBatch:
+    """One forward's inputs: packed tokens, their positions, the rows to project, the attention metadata."""
+
+    input_ids: torch.Tensor  # [1, T] long
+    positions: torch.Tensor  # [1, T] long
+    keep: torch.Tensor  # [K] long: rows whose logits are returned (in order)
+    context: AttentionContext
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return KVPool.bytes_per_token(self.layers, self.kv_heads, self.head_dim, self.dtype)
+
+
+def kv_shape(module: torch.nn.Module) -> KVShape:
+    """The KV geometry of a model the paged path can serve; LoadError(unsupported_architecture) otherwise."""
+    config = module.config
+    text = getattr(config, "get_text_config", lambda: config)()
+    model_type = getattr(text, "model_type", None)
+    if model_type not in PAGED_ARCHITECTURES:
+        raise LoadError(
+            "unsupported_architecture",
+            f"architecture {model_type!r} is not served by the paged engine "
+            f"(supported: {', '.join(sorted(PAGED_ARCHITECTURES))})",
+        )
+    if getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None):
+        raise LoadError("unsupported_architecture", f"{model_type} with sliding-window attention is not supported")
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return KVShape(text.num_hidden_layers, kv_heads, head_dim, next(module.parameters()).dtype)
 
 
 class ModelRunner:
-    def __init__(self, module: torch.nn.Module, device: str) -> None:
+    def __init__(self, module: torch.nn.Module, device: str, kv: KVPool) -> None:
         self.module: torch.nn.Module | None = module
         self.device = torch.device(device)
-        self._config = module.config
-        parameters = inspect.signature(module.forward).parameters
-        # transformers 5 renamed `past_key_values` to `cache`; older models and versions still take the former.
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        self._keep_last: dict[str, int] = {}
-        for name in ("logits_to_keep", "num_logits_to_keep"):
-            if name in parameters:
-                self._keep_last = {name: 1}  # project only the last position onto the vocabulary
-                break
+        self.kv: KVPool | None = kv
+        register()
+        module.set_attn_implementation(ATTENTION_NAME)
+        self.vocab_size = int(module.get_output_embeddings().weight.shape[0])
+        self._placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._pending_faults = 0
         self._fault_lock = threading.Lock()
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only; cuda_graphs.py)
 
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self._config)
-        except TypeError:  # transformers before the config-aware cache
-            return DynamicCache()
-
-    def last_logits(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Run `input_ids` (shape [1, n]) through the model on top of `cache`; logits of the last position."""
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits of the kept rows, [K, vocab] (still on the device)."""
         self._raise_injected_fault()
         if self.module is None:
             raise DeviceFault("model was released")
-        output = self.module(input_ids=input_ids, use_cache=True, **{self._cache_argument: cache}, **self._keep_last)
-        return output.logits[0, -1]
+        if self.graphs is not None and (logits := self.graphs.replay(batch)) is not None:
+            return logits  # a decode-only step a captured graph covers
+        set_context(batch.context)
+        try:
+            output = self.module(
+                input_ids=batch.input_ids,
+                position_ids=batch.positions,
+                attention_mask=self._placeholder_mask,
+                use_cache=False,
+                logits_to_keep=batch.keep,
+            )
+        finally:
+            set_context(None)
+        return output.logits[0]
 
     def warm_up(self, token_id: int) -> None:
-        """One prefill and one decode, so lazy initialisation is not billed to the first request."""
+        """One prefill and one decode on the reserved block, so lazy initialisation is not billed to a request."""
+        assert self.kv is not None
+        kv, device = self.kv, self.device
+        block = torch.zeros(1, dtype=torch.long, device=device)
         with torch.inference_mode():
-            cache = self.new_cache()
-            prompt = torch.full((1, 2), token_id, dtype=torch.long, device=self.device)
-            logits = self.last_logits(prompt, cache)
-            self.last_logits(logits.argmax(-1).view(1, 1), cache)
+            context = AttentionContext(kv, torch.arange(2, device=device), prefills=[_whole(2, block)])
+            ids = torch.full((1, 2), token_id, dtype=torch.long, device=device)
+            logits = self.forward(StepBatch(ids, torch.arange(2, device=device)[None], _last(2, device), context))
+            context = AttentionContext(
+                kv,
+                torch.full((1,), 2, dtype=torch.long, device=device),
+                num_decode=1,
+                block_tables=block[None],
+                context_lens=torch.full((1,), 3, dtype=torch.long, device=device),
+            )
+            positions = torch.full((1, 1), 2, dtype=torch.long, device=device)
+            self.forward(StepBatch(logits.argmax(-1).view(1, 1), positions, _last(1, device), context))
+            kv.storage[:, :, 0].zero_()  # block 0 is the padding block: keep it zero
 
     def inject_fault(self, count: int) -> None:
         with self._fault_lock:
@@ -63,6 +129,8 @@ class ModelRunner:
 
     def release(self) -> None:
         self.module = None
+        self.kv = None
+        self.graphs = None
 
     def _raise_injected_fault(self) -> None:
         if not self._pending_faults:
@@ -71,3 +139,11 @@ class ModelRunner:
             if self._pending_faults > 0:
                 self._pending_faults -= 1
                 raise DeviceFault("injected device fault (test hook)")
+
+
+def _whole(length: int, blocks: torch.Tensor) -> PrefillChunk:
+    return PrefillChunk(0, length, length, blocks, None)
+
+
+def _last(length: int, device: torch.device) -> torch.Tensor:
+    return torch.full((1,), length - 1, dtype=torch.long, device=device)

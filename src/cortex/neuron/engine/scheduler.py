@@ -3,19 +3,21 @@
 A step is one job on the device worker, so other work for the device (loads, other models' steps)
 interleaves between steps. Each step:
 
-1. admits new sequences into free slots and drops cancelled ones (their caches go with them);
-2. launches work for every running sequence: a prefill chunk (within a per-step token budget, so a
-   long prompt cannot stall everyone else's decode) or one decode token, each on the sequence's OWN
-   cache — caches are never shared, so no sequence can see another's keys and values;
-3. copies all sampled tokens to the host in one transfer (the only sync of the step);
-4. turns tokens into text events on the host and hands them to the event loop.
-
-Launching is the one place that changes for batching: today it runs one forward per sequence (the
-batch-of-one path, exact whatever the concurrency); a batched decode would run one forward over the
-decoding sequences with a ragged cache and hand back the same list of next tokens.
+1. admits waiting sequences while the KV pool has blocks for their prompt (reusing cached prefix
+   blocks), in arrival order, and drops cancelled ones (their blocks go back to the pool);
+2. gives every decoding sequence a slot for its next token, preempting the youngest running sequence
+   when the pool is full (it goes back to the front of the queue and is recomputed later, never dropped);
+3. runs ONE forward over a packed batch: one token per decoding sequence, then prefill chunks of
+   the others within a per-step token budget, so a long prompt never stalls running streams for
+   more than one step;
+4. samples all rows that reached the end of their known tokens in one vectorised pass, copies the
+   sampled tokens to the host in one transfer (the only sync of the step), and turns them into text
+   events on the host, handed to the event loop.
 
 Any exception from a forward except `EngineError` is a device fault: every sequence of the model gets
-`DeviceFault` and the scheduler refuses new work until the model is reloaded.
+`DeviceFault` and the scheduler refuses new work until the model is reloaded. An `EngineError` from
+a batched forward is narrowed down by re-running each sequence's part alone: only the sequences whose
+part fails get the error.
 """
 
 from __future__ import annotations
@@ -30,19 +32,37 @@ from typing import Any
 
 import torch
 
-from .runner import ModelRunner
-from .sampling import validate_sampling
+from .attention import AttentionContext, PrefillChunk, prefix_mask
+from .blocks import BlockManager
+from .runner import ModelRunner, StepBatch
+from .sampling import RowParams, SamplingBatch, validate_sampling
 from .sequence import Sequence
 from .types import DeviceFault, EngineError, GenerationRequest
 from .worker import DeviceWorker, WorkerClosed
 
 log = logging.getLogger(__name__)
 
+MAX_RUNNING = 256  # a sanity cap on one batch; the KV pool is the real bound
+MIN_PREFILL_TOKENS = 16  # prefill makes progress even when decode rows use up the step budget
+
 
 @dataclass(frozen=True)
 class SchedulerOptions:
-    max_active: int = 32  # sequences holding a slot (a KV cache); the rest wait in order
-    prefill_chunk: int = 256  # prompt tokens prefilled per step, across sequences
+    max_active: int | None = None  # optional cap on running sequences; None: as many as the KV pool holds
+    step_tokens: int = 256  # tokens computed per step: one per decoding sequence plus prefill chunks
+
+
+@dataclass
+class Work:
+    """One sequence's part of a step: tokens[start:start + count] are computed; it samples if that ends them."""
+
+    sequence: Sequence
+    start: int
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.count == len(self.sequence.tokens)
 
 
 class DecodeRate:
@@ -67,6 +87,7 @@ class Scheduler:
         self,
         worker: DeviceWorker,
         runner: ModelRunner,
+        blocks: BlockManager,
         tokenizer: Any,
         eos_ids: frozenset[int],
         context_length: int,
@@ -74,19 +95,22 @@ class Scheduler:
     ) -> None:
         self._worker = worker
         self._runner: ModelRunner | None = runner
+        self.blocks = blocks
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._context_length = context_length
         self._options = options
+        self._vocab = runner.vocab_size
         self._inbox: deque[Sequence] = deque()  # loop → worker hand-over (deque append/popleft are atomic)
-        self._waiting: deque[Sequence] = deque()  # worker only: admitted, no slot yet
-        self._running: list[Sequence] = []  # worker only: holding a slot
+        self._waiting: deque[Sequence] = deque()  # worker only: not holding blocks (new or preempted)
+        self._running: list[Sequence] = []  # worker only: holding blocks, in admission order (youngest last)
         self._lock = threading.Lock()  # guards `_step_posted`
         self._step_posted = False
         self._fault: str | None = None  # message of the device fault that poisoned the model
         self._closed = False
         self.rate = DecodeRate()
         self.steps = 0
+        self.preemptions = 0
 
     # Loop side.
 
@@ -112,14 +136,22 @@ class Scheduler:
             raise EngineError("model is unloaded")
         if self._fault is not None:
             raise DeviceFault(self._fault)
-        if not request.prompt_ids:
+        prompt = request.prompt_ids
+        if not prompt:
             raise EngineError("prompt is empty")
-        if len(request.prompt_ids) >= self._context_length:
+        if len(prompt) >= self._context_length:
+            raise EngineError(f"prompt is {len(prompt)} tokens; the model's context is {self._context_length}")
+        vocab = self._vocab
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad!r} is out of range: the model's vocabulary is [0, {vocab})")
+        if self.blocks.blocks_for(len(prompt) + 1) > self.blocks.usable_blocks:
             raise EngineError(
-                f"prompt is {len(request.prompt_ids)} tokens; the model's context is {self._context_length}"
+                f"prompt is {len(prompt)} tokens; the model's KV cache holds "
+                f"{self.blocks.usable_blocks * self.blocks.block_size}"
             )
         validate_sampling(request.sampling)
-        return min(request.sampling.max_new_tokens, self._context_length - len(request.prompt_ids))
+        return min(request.sampling.max_new_tokens, self._context_length - len(prompt))
 
     def open(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
         sequence = Sequence(request, self.validate(request), loop)
@@ -172,77 +204,194 @@ class Scheduler:
     def _admit(self) -> None:
         while self._inbox:
             self._waiting.append(self._inbox.popleft())
-        self._running = [s for s in self._running if not self._dropped_if_cancelled(s)]
-        self._waiting = deque(s for s in self._waiting if not s.cancelled)
-        assert self._runner is not None
-        while self._waiting and len(self._running) < self._options.max_active:
-            sequence = self._waiting.popleft()
-            self._running.append(sequence)  # first, so a failure below still reaches its consumer
-            sequence.start(self._runner.new_cache(), self._runner.device, self._tokenizer, self._eos_ids)
-
-    @staticmethod
-    def _dropped_if_cancelled(sequence: Sequence) -> bool:
-        if sequence.cancelled:
+        for sequence in [s for s in self._running if s.cancelled]:
+            self._retire(sequence)
+        for sequence in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(sequence)
             sequence.release()
-        return sequence.cancelled
+        assert self._runner is not None
+        limit = min(self._options.max_active or MAX_RUNNING, MAX_RUNNING)
+        while self._waiting and len(self._running) < limit:
+            sequence = self._waiting[0]
+            if not self._allocate(sequence):
+                if not self._running:  # alone and still too big: it can never run
+                    self._waiting.popleft()
+                    sequence.deliver(EngineError("the sequence no longer fits in the model's KV cache"))
+                    sequence.release()
+                    continue
+                break  # the pool is full: wait for blocks to come back (arrival order is kept)
+            self._waiting.popleft()
+            self._running.append(sequence)  # first, so a failure below still reaches its consumer
+            if not sequence.started:
+                sequence.start(self._runner.device, self._tokenizer, self._eos_ids, self._vocab)
+
+    def _allocate(self, sequence: Sequence) -> bool:
+        reused = self.blocks.allocate(sequence.table, sequence.tokens)
+        self._zero_fresh_blocks()
+        if reused is None:
+            return False
+        sequence.computed = reused
+        if sequence.admissions == 0:
+            sequence.cached_tokens = reused
+        sequence.admissions += 1
+        return True
+
+    def _zero_fresh_blocks(self) -> None:
+        if self.blocks.fresh_blocks and self._runner is not None and self._runner.kv is not None:
+            self._runner.kv.zero_blocks(self.blocks.fresh_blocks)
+        self.blocks.fresh_blocks.clear()
 
     def _advance(self) -> None:
         started = perf_counter()
+        work = self._plan()
+        if not work:
+            return
         try:
             with torch.inference_mode():
-                sampled = self._launch()
-                token_ids = torch.cat([token for _, token in sampled]).tolist() if sampled else []
+                outcomes = self._execute(work)
         except Exception as exc:  # a forward failed: the device state of this model is suspect
             self._poison(exc)
             return
         now = perf_counter()
-        for (sequence, _), token_id in zip(sampled, token_ids, strict=True):
-            self._settle(sequence, token_id, now)
-        decoded = sum(1 for sequence, _ in sampled if sequence.output and sequence.output.generated > 1)
+        decoded = 0
+        for item, outcome in outcomes:
+            sequence = item.sequence
+            if isinstance(outcome, EngineError):  # this request's fault: it alone fails, nothing is poisoned
+                self._retire(sequence)
+                sequence.deliver(EngineError(str(outcome)))
+                continue
+            sequence.computed = item.start + item.count
+            self.blocks.register(sequence.table, sequence.tokens, sequence.computed)
+            if outcome is not None:
+                decoded += 1 if sequence.output is not None and sequence.output.generated >= 1 else 0
+                self._settle(sequence, outcome, now)
         self.rate.record(decoded, now - started)
 
-    def _launch(self) -> list[tuple[Sequence, torch.Tensor]]:
-        """Run one unit of work per running sequence; the sampled next tokens, still on the device."""
-        assert self._runner is not None
-        budget = self._options.prefill_chunk
-        sampled: list[tuple[Sequence, torch.Tensor]] = []
+    def _plan(self) -> list[Work]:
+        """This step's work: a slot for every decoding sequence (preempting if need be), then prefill chunks."""
         for sequence in list(self._running):
-            try:
-                if sequence.prefilling:
-                    if budget <= 0:
-                        continue
-                    chunk = min(budget, sequence.prompt_tokens - sequence.prefilled)
-                    budget -= chunk
-                    token = self._prefill(sequence, chunk)
-                else:
-                    token = self._decode(sequence)
-            except EngineError as exc:  # this request's fault: it alone fails, nothing is poisoned
-                self._retire(sequence)
-                sequence.deliver(EngineError(str(exc)))
+            if sequence not in self._running or sequence.pending != 1:
                 continue
-            if token is not None:
-                sampled.append((sequence, token))
-        return sampled
+            while not self.blocks.append_slot(sequence.table, len(sequence.tokens)):
+                self._zero_fresh_blocks()
+                victim = self._running[-1]  # the youngest gives way
+                self._preempt(victim)
+                if victim is sequence:
+                    break
+        self._zero_fresh_blocks()
+        work = [Work(s, s.computed, 1) for s in self._running if s.pending == 1]
+        budget = max(self._options.step_tokens - len(work), MIN_PREFILL_TOKENS)
+        for sequence in self._running:
+            if budget <= 0:
+                break
+            if sequence.pending > 1:
+                count = min(budget, sequence.pending)
+                budget -= count
+                work.append(Work(sequence, sequence.computed, count))
+        return work
 
-    def _prefill(self, sequence: Sequence, chunk: int) -> torch.Tensor | None:
-        assert self._runner is not None and sequence.prompt_tensor is not None and sequence.sampler is not None
-        start = sequence.prefilled
-        logits = self._runner.last_logits(sequence.prompt_tensor[:, start : start + chunk], sequence.cache)
-        sequence.prefilled += chunk
-        if sequence.prefilling:
-            return None  # more prompt to go: nothing to sample yet
-        return self._sample(sequence, logits)
+    def _preempt(self, sequence: Sequence) -> None:
+        self.blocks.free(sequence.table)
+        sequence.computed = 0
+        self._running.remove(sequence)
+        self._waiting.appendleft(sequence)
+        self.preemptions += 1
+        log.info("request %s preempted (KV cache full); it resumes when blocks free up", sequence.request_id)
 
-    def _decode(self, sequence: Sequence) -> torch.Tensor:
-        assert self._runner is not None and sequence.next_input is not None
-        return self._sample(sequence, self._runner.last_logits(sequence.next_input, sequence.cache))
+    def _execute(self, work: list[Work]) -> list[tuple[Work, int | EngineError | None]]:
+        """Forward + sample: each item's sampled token id (None if it did not sample), or its EngineError."""
+        try:
+            tokens = self._forward_and_sample(work)
+        except EngineError as exc:
+            if len(work) == 1:
+                return [(work[0], exc)]
+            # Whose fault? Re-run each part alone (rewriting the same KV slots is harmless).
+            return [outcome for item in work for outcome in self._execute([item])]
+        return list(zip(work, tokens, strict=True))
 
-    @staticmethod
-    def _sample(sequence: Sequence, logits: torch.Tensor) -> torch.Tensor:
-        assert sequence.sampler is not None
-        token = sequence.sampler(logits)
-        sequence.next_input = token.view(1, 1)
-        return token
+    def _forward_and_sample(self, work: list[Work]) -> list[int | None]:
+        """The sampled token of each item, aligned with `work` (None where it did not sample)."""
+        assert self._runner is not None and self._runner.kv is not None
+        runner = self._runner
+        device = runner.device
+        block_size = self.blocks.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        samplers: list[Sequence] = []
+        sampler_items: list[int] = []  # index in `work` of each sampling row
+        decode = [item for item in work if item.count == 1 and item.samples]
+        tables: list[list[int]] = []
+        for index, item in enumerate(work):
+            if not (item.count == 1 and item.samples):
+                continue
+            sequence, position = item.sequence, item.start
+            keep.append(len(ids))
+            samplers.append(sequence)
+            sampler_items.append(index)
+            ids.append(sequence.tokens[position])
+            positions.append(position)
+            blocks = sequence.table.blocks
+            slots.append(blocks[position // block_size] * block_size + position % block_size)
+            tables.append(blocks)
+        prefills: list[PrefillChunk] = []
+        for index, item in enumerate(work):
+            if item.count == 1 and item.samples:
+                continue
+            sequence, start, count = item.sequence, item.start, item.count
+            blocks = sequence.table.blocks
+            q_start, kv_len = len(ids), start + count
+            ids.extend(sequence.tokens[start:kv_len])
+            positions.extend(range(start, kv_len))
+            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, kv_len))
+            block_ids = torch.tensor(blocks[: self.blocks.blocks_for(kv_len)], dtype=torch.long, device=device)
+            mask = None if start == 0 else prefix_mask(count, kv_len, device)
+            prefills.append(PrefillChunk(q_start, count, kv_len, block_ids, mask))
+            if item.samples:
+                keep.append(len(ids) - 1)
+                samplers.append(sequence)
+                sampler_items.append(index)
+        context = AttentionContext(
+            runner.kv, torch.tensor(slots, dtype=torch.long, device=device), num_decode=len(decode), prefills=prefills
+        )
+        if decode:
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            context.block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+            context.context_lens = torch.tensor([p + 1 for p in positions[: len(decode)]], device=device)
+        # Rows without a constraint sample in one batched pass; constrained (JSON) rows one by one.
+        free_rows = [i for i, s in enumerate(samplers) if s.sampler is None]
+        sampling = SamplingBatch([self._row(samplers[i]) for i in free_rows], device) if free_rows else None
+        free_index = (
+            torch.tensor(free_rows, dtype=torch.long, device=device) if len(free_rows) < len(samplers) else None
+        )
+        batch = StepBatch(
+            torch.tensor([ids], dtype=torch.long, device=device),
+            torch.tensor([positions], dtype=torch.long, device=device),
+            torch.tensor(keep if keep else [len(ids) - 1], dtype=torch.long, device=device),
+            context,
+        )
+        logits = runner.forward(batch)
+        result: list[int | None] = [None] * len(work)
+        if not samplers:
+            return result
+        host: list[int] = [0] * len(samplers)
+        if sampling is not None:
+            chosen = sampling.sample(logits if free_index is None else logits.index_select(0, free_index))
+            for row, i in enumerate(free_rows):
+                samplers[i].record(chosen[row : row + 1])
+            for i, token in zip(free_rows, chosen.tolist(), strict=True):  # the one host copy of the step
+                host[i] = token
+        for i, sequence in enumerate(samplers):
+            if sequence.sampler is not None:
+                host[i] = int(sequence.sampler(logits[i]).item())
+        for i, index in enumerate(sampler_items):
+            result[index] = host[i]
+        return result
+
+    def _row(self, sequence: Sequence) -> RowParams:
+        return RowParams(sequence.params, sequence.seed, len(sequence.tokens), sequence.seen, sequence.counts)
 
     def _settle(self, sequence: Sequence, token_id: int, now: float) -> None:
         try:
@@ -258,6 +407,7 @@ class Scheduler:
             sequence.deliver(events)
 
     def _retire(self, sequence: Sequence) -> None:
+        self.blocks.free(sequence.table)
         sequence.release()
         if sequence in self._running:
             self._running.remove(sequence)
@@ -276,6 +426,8 @@ class Scheduler:
             sequence.deliver(DeviceFault(self._fault) if self._fault else EngineError("model is unloaded"))
 
     def _drain_all(self) -> list[Sequence]:
+        for sequence in self._running:
+            self.blocks.free(sequence.table)
         sequences = [*self._running, *self._waiting]
         while self._inbox:
             sequences.append(self._inbox.popleft())

@@ -1,22 +1,24 @@
-"""One generation request inside a scheduler: its private KV cache, sampler and output stream.
+"""One generation request inside a scheduler: its tokens, KV blocks, sampling state and output stream.
 
 A `Sequence` is shared by two threads with a strict split: the event loop creates it, reads its
-channel and may set `cancelled`; everything else (cache, sampler, detokeniser, timings) belongs to
+channel and may set `cancelled`; everything else (blocks, sampler, detokeniser, timings) belongs to
 the device worker, which hands events back with `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Sequence as Ids
 from time import perf_counter
 from typing import Any, Literal
 
 import torch
 
+from .blocks import BlockTable
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .json_constraint import ConstrainedSampler, json_sampler
-from .sampling import Sampler
+from .sampling import Sampler, clamp_seed
 from .types import Finished, GenerationEvent, GenerationRequest, SamplingParams, TextDelta
 
 Delivery = list[GenerationEvent] | BaseException
@@ -73,6 +75,14 @@ class OutputStream:
 
 
 class Sequence:
+    """A request inside the scheduler: its tokens (prompt + output), KV blocks, sampling state and output.
+
+    `tokens[:computed]` have their keys/values in the sequence's blocks. A step computes the next
+    `tokens[computed:]` (a prefill chunk, or the one last sampled token) and, once all known tokens
+    are computed, samples the next one. Preemption frees the blocks and sets `computed` back to 0:
+    the sequence is later recomputed from prompt + output and continues where it was.
+    """
+
     def __init__(self, request: GenerationRequest, max_new_tokens: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request.request_id
         self.prompt_ids = list(request.prompt_ids)
@@ -82,13 +92,17 @@ class Sequence:
         self.channel: asyncio.Queue[Delivery] = asyncio.Queue()
         self.cancelled = False  # set by the loop side; the worker drops the sequence at its next step
         self.submitted_at = perf_counter()
-        # Worker-side state, created when the scheduler gives the sequence a slot.
-        self.cache: Any = None
-        self.sampler: Sampler | ConstrainedSampler | None = None
+        # Worker-side state.
+        self.tokens: list[int] = list(self.prompt_ids)
+        self.computed = 0  # leading tokens whose keys/values are in the cache
+        self.table = BlockTable()
+        self.cached_tokens = 0  # prompt tokens reused from the prefix cache at the first admission
+        self.admissions = 0
+        self.seed = clamp_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
+        self.sampler: ConstrainedSampler | None = None  # constrained (JSON) rows: the per-sequence path
+        self.seen: torch.Tensor | None = None  # [vocab] bool: prompt + output (repetition penalty)
+        self.counts: torch.Tensor | None = None  # [vocab] float: output counts (frequency/presence)
         self.output: OutputStream | None = None
-        self.prompt_tensor: torch.Tensor | None = None
-        self.next_input: torch.Tensor | None = None
-        self.prefilled = 0  # prompt tokens already in the cache
         self.first_token_at = 0.0
         self.last_token_at = 0.0
 
@@ -97,20 +111,41 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt_ids)
+    def started(self) -> bool:
+        return self.output is not None
 
-    def start(self, cache: Any, device: torch.device, tokenizer: Any, eos_ids: frozenset[int]) -> None:
-        """Worker thread: allocate this sequence's own cache and sampling state."""
-        self.cache = cache
-        self.prompt_tensor = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
-        sampler = Sampler(self.params, self.prompt_tensor[0], device)
-        self.sampler = json_sampler(sampler, tokenizer, eos_ids) if self.params.json_object else sampler
+    @property
+    def pending(self) -> int:
+        """Tokens to compute before the next sample (1 while decoding)."""
+        return len(self.tokens) - self.computed
+
+    @property
+    def penalised(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+    def start(self, device: torch.device, tokenizer: Any, eos_ids: frozenset[int], vocab: int) -> None:
+        """Worker thread, first admission: output stream and sampling state."""
         self.output = OutputStream(tokenizer, self.prompt_ids, self.params, eos_ids, self.max_new_tokens)
+        if self.params.json_object:
+            prompt = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
+            self.sampler = json_sampler(Sampler(self.params, prompt, device), tokenizer, eos_ids)
+        elif self.penalised:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            prompt = torch.tensor([t for t in self.prompt_ids if t < vocab], dtype=torch.long, device=device)
+            self.seen[prompt] = True
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    def record(self, token: torch.Tensor) -> None:
+        """Worker thread: count a sampled token (a one-element device tensor) in the penalty statistics."""
+        if self.seen is not None and self.counts is not None:
+            self.seen.index_fill_(0, token, True)
+            self.counts.index_add_(0, token, torch.ones(1, dtype=torch.float32, device=token.device))
 
     def release(self) -> None:
-        """Worker thread: drop every tensor this sequence holds (its KV cache above all)."""
-        self.cache = self.sampler = self.prompt_tensor = self.next_input = None
+        """Worker thread: drop every tensor this sequence holds (its blocks are freed by the scheduler)."""
+        self.sampler = None
+        self.seen = self.counts = None
 
     def accept(self, token_id: int, now: float) -> list[GenerationEvent]:
         """Worker thread: one sampled token in, the events it produces out (Finished last, once)."""
@@ -118,6 +153,7 @@ class Sequence:
         if self.output.generated == 0:
             self.first_token_at = now
         self.last_token_at = now
+        self.tokens.append(token_id)
         events: list[GenerationEvent] = list(self.output.push(token_id))
         if self.output.done:
             events.append(self.finished())
@@ -134,6 +170,7 @@ class Sequence:
             stop_sequence=output.stop_sequence if output and reason is None else None,
             time_to_first_token_s=(self.first_token_at - self.submitted_at) if generated else 0.0,
             decode_tok_s=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
+            cached_tokens=self.cached_tokens,
         )
 
     def deliver(self, item: Delivery) -> None:

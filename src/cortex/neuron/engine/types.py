@@ -92,6 +92,7 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended generation, if one did
     time_to_first_token_s: float = 0.0
     decode_tok_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (not recomputed)
 
 
 GenerationEvent = TextDelta | Finished

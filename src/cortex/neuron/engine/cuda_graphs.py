@@ -1,0 +1,305 @@
+"""Decode steps replayed from captured CUDA graphs: one graph per (batch size, block-table width) bucket.
+
+An eager decode step of a large model on a GPU is launch-bound: hundreds of small kernels, each
+issued from Python, take far longer than the GPU needs to stream the weights once. A CUDA graph
+records the step's kernels once, at load, and replays them with one launch.
+
+A graph replays fixed shapes at fixed addresses, so a decode step's inputs live in static buffers
+sized for the largest bucket: `input_ids`/`positions`/`slot_mapping`/`context_lens` [B] and
+`block_tables` [B, W]. A step of `n` sequences whose longest block table has `w` blocks runs the
+graph of the smallest captured (B >= n, W >= w): its inputs are copied into the buffers and padded.
+Padding rows are harmless by construction: each writes its key/value into slot 0 of the reserved
+padding block 0 (which no sequence owns), attends only to that slot (`context_lens = 1`), and its
+logits are dropped. Padding columns of a block table point at block 0 and are masked out by
+`context_lens`. Steps with a prefill chunk, or larger than every bucket, run eagerly.
+
+Widths are bucketed as well as batch sizes because the paged attention gathers `W` blocks per row:
+a graph captured only at the model's full context would make every short decode pay for it. Pairs
+whose attention temporaries exceed `memory_budget` are left to the eager path. All graphs share one
+memory pool, captured largest first, so the pool is as large as the largest graph's temporaries.
+
+Capture runs once, on the device worker, after the model's warm-up; it needs the KV pool never to be
+reallocated afterwards (its addresses are baked into the graphs). CPU models never come here. The
+replay machinery (buckets, padding, static buffers) is independent of the graph itself, so a test can
+swap in a backend that runs the same forward eagerly over the same buffers (`EagerReplay`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .attention import AttentionContext
+from .runner import ModelRunner, StepBatch
+
+log = logging.getLogger(__name__)
+
+PAD_SLOT = 0  # slot 0 of the reserved padding block 0
+MIN_WIDTH_TOKENS = 256  # the narrowest block-table bucket, in tokens
+WIDTH_GROWTH = 4  # each width bucket is this many times the previous one
+MAX_GRAPH_BATCH = 256
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # attention temporaries one captured step may need
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, … up to `max_batch` (always included): padding costs a decode step little, graphs cost memory."""
+    if max_batch < 1:
+        return []
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+def width_buckets(max_blocks: int, block_size: int) -> list[int]:
+    """Block-table widths (in blocks): from ~MIN_WIDTH_TOKENS, growing WIDTH_GROWTH-fold, ending at `max_blocks`."""
+    if max_blocks < 1:
+        return []
+    width = min(max_blocks, max(1, -(-MIN_WIDTH_TOKENS // block_size)))
+    widths = []
+    while width < max_blocks:
+        widths.append(width)
+        width *= WIDTH_GROWTH
+    widths.append(max_blocks)
+    return widths
+
+
+def bucket_for(value: int, buckets: list[int]) -> int | None:
+    """The smallest bucket that holds `value`, or None if none does (the caller runs eagerly)."""
+    return next((b for b in buckets if b >= value), None)
+
+
+def attention_bytes(batch: int, width: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The gathered keys and values one layer's paged decode attention materialises for a (batch, width) step."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch * width * block_size * kv_heads * head_dim * element
+
+
+class GraphBackend(Protocol):
+    """Records `step` (which reads and writes only static tensors) and returns a replayable handle."""
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]: ...
+
+
+class CudaGraphBackend:
+    """The real thing: warm up on a side stream, then capture into a pool shared by all of a model's graphs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool: Any = None
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()  # lazy initialisation (cuBLAS workspaces, kernels' first-call set-up) must not be captured
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = step()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay, output
+
+
+class EagerReplay:
+    """For tests on CPU: "replaying" runs the same step eagerly over the same static buffers."""
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        holder: dict[str, torch.Tensor] = {"out": step()}
+
+        def replay() -> None:
+            holder["out"].copy_(step())
+
+        return replay, holder["out"]
+
+
+@dataclass
+class GraphStats:
+    """What capture did, for the load log and /models."""
+
+    enabled: bool = False
+    reason: str | None = None  # why graphs are off, when they are
+    capture_s: float = 0.0
+    graphs: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    widths_tokens: list[int] = field(default_factory=list)
+    memory_bytes: int = 0
+    replays: int = 0
+    eager_decodes: int = 0  # decode-only steps no graph covered
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "reason": self.reason,
+            "capture_s": round(self.capture_s, 3),
+            "graphs": self.graphs,
+            "batch_sizes": self.batch_sizes,
+            "widths_tokens": self.widths_tokens,
+            "memory_mb": round(self.memory_bytes / 2**20),
+            "replays": self.replays,
+            "eager_decodes": self.eager_decodes,
+        }
+
+
+@dataclass
+class _Captured:
+    replay: Callable[[], None]
+    logits: torch.Tensor  # [batch, vocab], static
+
+
+class DecodeGraphs:
+    """Static decode buffers and one captured step per (batch, width) bucket of a model's runner."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, backend: GraphBackend) -> None:
+        assert runner.kv is not None
+        self.runner = runner
+        self.kv = runner.kv
+        self.backend = backend
+        self.batches = batch_buckets(min(max_batch, MAX_GRAPH_BATCH))
+        self.widths = width_buckets(max_blocks, self.kv.block_size)
+        self.stats = GraphStats(enabled=True)
+        self._inside = False  # a captured (or eagerly replayed) step is running: its forward must not replay
+        device = runner.device
+        b, w = self.batches[-1], self.widths[-1]
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((b,), PAD_SLOT, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((b, w), dtype=torch.long, device=device)
+        self.context_lens = torch.ones(b, dtype=torch.long, device=device)
+        self.keep = torch.arange(b, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+
+    def capture(self, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> GraphStats:
+        """Capture every (batch, width) pair within `memory_budget`, the largest first (they share one pool)."""
+        kv = self.kv
+        dtype = kv.storage.dtype
+        pairs = [
+            (b, w)
+            for b in self.batches
+            for w in self.widths
+            if attention_bytes(b, w, kv.block_size, kv.kv_heads, kv.head_dim, dtype) <= memory_budget
+        ]
+        pairs.sort(key=lambda pair: pair[0] * pair[1], reverse=True)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for b, w in pairs:
+                    try:
+                        replay, logits = self.backend.capture(lambda b=b, w=w: self._step(b, w))
+                    except torch.OutOfMemoryError:  # this pair does not fit next to the KV pool: it runs eagerly
+                        log.warning("no memory to capture the decode graph for batch %d, width %d blocks", b, w)
+                        continue
+                    self._graphs[(b, w)] = _Captured(replay, logits)
+        finally:
+            self._reset_buffers()
+        self.stats.capture_s = time.perf_counter() - started
+        self.stats.graphs = len(self._graphs)
+        self.stats.batch_sizes = sorted({b for b, _ in self._graphs})
+        self.stats.widths_tokens = sorted({w * kv.block_size for _, w in self._graphs})
+        return self.stats
+
+    def replay(self, batch: StepBatch) -> torch.Tensor | None:
+        """Logits [n, vocab] of a decode-only step from its graph (a view, valid until the next replay), or None."""
+        if self._inside:
+            return None
+        context = batch.context
+        n = batch.input_ids.shape[1]
+        if context.prefills or context.num_decode != n or context.block_tables is None or batch.keep.shape[0] != n:
+            return None
+        width = context.block_tables.shape[1]
+        b, w = bucket_for(n, self.batches), bucket_for(width, self.widths)
+        captured = self._graphs.get((b, w)) if b is not None and w is not None else None
+        if captured is None:
+            self.stats.eager_decodes += 1
+            return None
+        self._load(batch, n, width, b, w)
+        captured.replay()
+        self.stats.replays += 1
+        return captured.logits[:n]
+
+    def _load(self, batch: StepBatch, n: int, width: int, b: int, w: int) -> None:
+        """Copy a step's inputs into the static buffers; rows n..b and columns width..w are padding."""
+        context = batch.context
+        assert context.block_tables is not None and context.context_lens is not None
+        self.input_ids[:n].copy_(batch.input_ids[0], non_blocking=True)
+        self.positions[:n].copy_(batch.positions[0], non_blocking=True)
+        self.slot_mapping[:n].copy_(context.slot_mapping, non_blocking=True)
+        self.context_lens[:n].copy_(context.context_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(context.block_tables, non_blocking=True)
+        if width < w:
+            self.block_tables[:n, width:w].zero_()
+        if n < b:
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+            self.slot_mapping[n:b].fill_(PAD_SLOT)
+            self.context_lens[n:b].fill_(1)
+            self.block_tables[n:b, :w].zero_()
+
+    def _step(self, b: int, w: int) -> torch.Tensor:
+        """The decode forward over the first b rows and w columns of the static buffers: what gets captured."""
+        context = AttentionContext(
+            self.kv,
+            self.slot_mapping[:b],
+            num_decode=b,
+            block_tables=self.block_tables[:b, :w],
+            context_lens=self.context_lens[:b],
+        )
+        batch = StepBatch(self.input_ids[:b][None], self.positions[:b][None], self.keep[:b], context)
+        self._inside = True
+        try:
+            return self.runner.forward(batch)
+        finally:
+            self._inside = False
+
+    def _reset_buffers(self) -> None:
+        """Back to all-padding, and the padding block back to zeros (capture wrote keys/values into it)."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(PAD_SLOT)
+        self.context_lens.fill_(1)
+        self.block_tables.zero_()
+        self.kv.storage[:, :, 0].zero_()
+
+
+def capture_decode_graphs(
+    runner: ModelRunner,
+    *,
+    max_batch: int,
+    max_blocks: int,
+    enabled: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> GraphStats:
+    """At load, on the device worker: capture the runner's decode graphs (CUDA only) and attach them.
+
+    Returns what happened; graphs stay off (stats.reason says why) on CPU, when disabled by config,
+    or if capture fails, in which case the model serves eagerly rather than failing its load.
+    """
+    device = runner.device
+    if device.type != "cuda":
+        return GraphStats(reason="not a CUDA device")
+    if not enabled:
+        return GraphStats(reason="disabled by config ([engine] cuda_graphs = false)")
+    if max_batch < 1 or max_blocks < 1:
+        return GraphStats(reason="nothing to capture")
+    before = torch.cuda.memory_reserved(device)
+    graphs = DecodeGraphs(runner, max_batch, max_blocks, CudaGraphBackend(device))
+    try:
+        stats = graphs.capture(memory_budget)
+    except Exception as exc:  # a model whose forward cannot be captured still serves, eagerly
+        log.warning("CUDA graph capture failed; decoding eagerly", exc_info=exc)
+        del graphs
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return GraphStats(reason=f"capture failed: {type(exc).__name__}: {exc}")
+    torch.cuda.synchronize(device)
+    stats.memory_bytes = max(0, torch.cuda.memory_reserved(device) - before)
+    runner.graphs = graphs
+    return stats

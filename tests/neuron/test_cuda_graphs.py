@@ -1,0 +1,177 @@
+"""Decode-graph replay: buckets, padding and static buffers, checked on CPU against the eager forward.
+
+A CUDA graph cannot be captured here; `EagerReplay` runs the very step that would be captured, over
+the same static buffers with the same padding, so everything but the recording itself is exercised.
+The real capture runs in benchmarks/gpu/run.sh.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cortex.neuron.engine.attention import AttentionContext, KVPool, PrefillChunk
+from cortex.neuron.engine.cuda_graphs import (
+    DecodeGraphs,
+    EagerReplay,
+    attention_bytes,
+    batch_buckets,
+    bucket_for,
+    capture_decode_graphs,
+    width_buckets,
+)
+from cortex.neuron.engine.runner import ModelRunner, StepBatch
+
+BLOCK = 4
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 8
+
+
+def test_batch_buckets_double_up_to_the_maximum() -> None:
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(0) == []
+
+
+def test_width_buckets_grow_fourfold_from_a_short_context() -> None:
+    assert width_buckets(2560, 16) == [16, 64, 256, 1024, 2560]  # 256 .. 40960 tokens
+    assert width_buckets(8, 16) == [8]  # a context shorter than the first bucket
+    assert width_buckets(16, 16) == [16]
+
+
+def test_bucket_for_picks_the_smallest_that_holds() -> None:
+    assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 3, 8, 9)] == [1, 4, 8, None]
+
+
+def test_attention_bytes_counts_keys_and_values() -> None:
+    assert attention_bytes(2, 3, 16, 8, 128, torch.bfloat16) == 2 * 2 * 3 * 16 * 8 * 128 * 2
+
+
+def test_cpu_never_captures() -> None:
+    runner, _ = tiny_runner()
+    stats = capture_decode_graphs(runner, max_batch=8, max_blocks=16)
+    assert not stats.enabled
+    assert stats.reason == "not a CUDA device"
+    assert getattr(runner, "graphs", None) is None
+
+
+def tiny_runner() -> tuple[ModelRunner, KVPool]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=LAYERS * 16,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    module = LlamaForCausalLM(config).to(torch.float64).eval()
+    kv = KVPool(LAYERS, 32, BLOCK, KV_HEADS, HEAD_DIM, torch.float64, torch.device("cpu"))
+    kv.storage.zero_()
+    return ModelRunner(module, "cpu", kv), kv
+
+
+SEQUENCES = [  # (prompt tokens, blocks)
+    ([5, 9, 2, 7, 1, 3], [1, 2]),
+    ([11, 4], [3]),
+    ([8, 8, 6, 2, 9, 10, 12, 13, 14], [4, 5, 6]),
+]
+
+
+def prefill(runner: ModelRunner, kv: KVPool) -> None:
+    with torch.inference_mode():
+        for tokens, blocks in SEQUENCES:
+            n = len(tokens)
+            slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+            chunk = PrefillChunk(0, n, n, torch.tensor(blocks), None)
+            context = AttentionContext(kv, slots, prefills=[chunk])
+            runner.forward(StepBatch(torch.tensor([tokens]), torch.arange(n)[None], torch.tensor([n - 1]), context))
+
+
+def decode_batch(rows: list[int], next_tokens: list[int]) -> StepBatch:
+    """One decode token for each sequence in `rows` (its next position after the prompt)."""
+    positions = [len(SEQUENCES[r][0]) for r in rows]
+    tables = [SEQUENCES[r][1] for r in rows]
+    slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, positions, strict=True)]
+    width = max(len(t) for t in tables)
+    context = AttentionContext(
+        kv=KV_HOLDER[0],
+        slot_mapping=torch.tensor(slots),
+        num_decode=len(rows),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        context_lens=torch.tensor([p + 1 for p in positions]),
+    )
+    return StepBatch(torch.tensor([next_tokens]), torch.tensor([positions]), torch.arange(len(rows)), context)
+
+
+KV_HOLDER: list[KVPool] = []
+
+
+@pytest.fixture
+def prefilled() -> tuple[ModelRunner, KVPool]:
+    runner, kv = tiny_runner()
+    KV_HOLDER[:] = [kv]
+    prefill(runner, kv)
+    return runner, kv
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2], [2, 0]])
+def test_replay_with_padding_equals_the_eager_step(prefilled: tuple[ModelRunner, KVPool], rows: list[int]) -> None:
+    runner, kv = prefilled
+    tokens = [17, 23, 31][: len(rows)]
+    before = kv.storage.clone()
+    with torch.inference_mode():
+        eager = runner.forward(decode_batch(rows, tokens)).clone()
+    eager_kv = kv.storage.clone()
+    kv.storage.copy_(before)
+
+    # max_blocks 100 → widths of 64 and 100 blocks: the step (≤ 3 blocks) pads to 64 columns; 3 rows pad to 4.
+    graphs = DecodeGraphs(runner, max_batch=4, max_blocks=100, backend=EagerReplay())
+    stats = graphs.capture()
+    assert (stats.batch_sizes, stats.widths_tokens, stats.graphs) == ([1, 2, 4], [64 * BLOCK, 100 * BLOCK], 6)
+    assert torch.equal(kv.storage[:, :, 1:], before[:, :, 1:])  # capture touched only the padding block
+    assert not kv.storage[:, :, 0].any()  # … and left it zeroed
+    runner.graphs = graphs
+    with torch.inference_mode():
+        replayed = runner.forward(decode_batch(rows, tokens))
+    assert graphs.stats.replays == 1
+    assert replayed.shape == eager.shape
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=1e-12)
+    # Every real block holds what the eager step wrote; padding rows wrote only into block 0.
+    torch.testing.assert_close(kv.storage[:, :, 1:], eager_kv[:, :, 1:], rtol=0, atol=1e-12)
+
+
+def test_steps_no_graph_covers_run_eagerly(prefilled: tuple[ModelRunner, KVPool]) -> None:
+    runner, kv = prefilled
+    graphs = DecodeGraphs(runner, max_batch=2, max_blocks=8, backend=EagerReplay())
+    graphs.capture()
+    runner.graphs = graphs
+    with torch.inference_mode():
+        three = decode_batch([0, 1, 2], [1, 2, 3])
+        assert graphs.replay(three) is None  # more rows than the largest bucket
+        runner.forward(three)
+        n = 2
+        prefill_step = StepBatch(
+            torch.tensor([[4, 5]]),
+            torch.arange(n)[None],
+            torch.tensor([n - 1]),
+            AttentionContext(kv, torch.tensor([40, 41]), prefills=[PrefillChunk(0, n, n, torch.tensor([10]), None)]),
+        )
+        assert graphs.replay(prefill_step) is None  # a prefill chunk is never captured
+    assert graphs.stats.eager_decodes == 2  # the direct call and the one inside forward
+    assert graphs.stats.replays == 0
+
+
+def test_memory_budget_leaves_wide_pairs_to_eager(prefilled: tuple[ModelRunner, KVPool]) -> None:
+    runner, _ = prefilled
+    graphs = DecodeGraphs(runner, max_batch=4, max_blocks=100, backend=EagerReplay())
+    budget = attention_bytes(4, 64, BLOCK, KV_HEADS, HEAD_DIM, torch.float64)
+    stats = graphs.capture(memory_budget=budget)
+    # (4, 100) is over budget; everything else fits.
+    assert stats.graphs == 5
+    with torch.inference_mode():
+        assert graphs.replay(decode_batch([0, 1, 2], [1, 2, 3])) is not None  # 3 rows, 3 blocks → (4, 64)

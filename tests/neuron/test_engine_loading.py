@@ -101,7 +101,7 @@ async def test_load_reports_progress_and_measured_info(engine: Engine, tiny_mode
     module = model._scheduler.runner.module  # type: ignore[union-attr]
     weights = sum(p.numel() for p in module.parameters()) * 2  # bf16; tied embeddings listed (and counted) once
     assert info.memory_bytes == weights + sum(b.nbytes for b in module.buffers())
-    assert info.tool_call_format is None and info.chat_template
+    assert info.tool_call_format == "generic" and info.chat_template  # no tools in its template: generic mode
     await engine.unload(model)
 
 
@@ -162,7 +162,7 @@ async def test_adopt_serves_an_in_process_module(engine: Engine, tiny_model: Pat
 
 async def test_tool_template_model_reports_hermes(engine: Engine, tiny_tool_model: Path) -> None:
     model = await engine.load(local(tiny_tool_model))
-    assert model.info.tool_call_format == "hermes" and model.reasoning_parser() is None
+    assert model.info.tool_call_format == "native:hermes" and model.reasoning_parser() is None
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "find it"}]
     assert model.count_chat_tokens(messages, tools) > model.count_chat_tokens(messages)

@@ -1,5 +1,11 @@
 """Render OpenAI-shaped chat messages to prompt token ids with the model's own chat template.
 
+Tools: a template that renders tools gets them as the model was trained (native mode). A template that
+does not gets them in the generic format (`tools.py`): a system-prompt block listing each tool with
+its schema and the exact call syntax, earlier calls written back as `<tool_call>` text in the
+assistant turns, and tool results as `<tool_response>` blocks in user turns, so any model can take part
+in a tool loop whatever roles its template knows.
+
 Never drops a message. Many templates reject a system message that is not first, but clients
 (Claude Code among them) send system-role messages between turns and even last. The conversation is
 rendered as sent when the template allows it; otherwise each later system message is folded into the
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .tools import GENERIC, generic_tools_prompt, render_call, tool_call_mode
 from .types import EngineError
 
 Message = dict[str, Any]
@@ -28,6 +35,11 @@ class ChatRenderer:
     def has_template(self) -> bool:
         return bool(getattr(self._tokenizer, "chat_template", None))
 
+    @property
+    def tool_mode(self) -> str | None:
+        template = getattr(self._tokenizer, "chat_template", None)
+        return tool_call_mode(template if isinstance(template, str) else str(template or ""))
+
     def render_text(
         self,
         messages: list[Message],
@@ -38,6 +50,8 @@ class ChatRenderer:
         if not self.has_template:
             raise EngineError("model has no chat template")
         normalised = normalise_messages(messages)
+        if tools and self.tool_mode == GENERIC:
+            normalised, tools = generic_tool_messages(normalised, tools), None
         failure: Exception | None = None
         for attempt in _fallbacks(normalised):
             try:
@@ -74,6 +88,39 @@ class ChatRenderer:
         if not isinstance(text, str):
             raise EngineError("chat template did not render text")
         return text
+
+
+def generic_tool_messages(messages: list[Message], tools: list[dict[str, Any]]) -> list[Message]:
+    """Normalised messages with the tools, earlier calls and their results written as text (generic mode)."""
+    block = generic_tools_prompt(tools)
+    out: list[Message] = []
+    if messages and messages[0]["role"] == "system":
+        out.append(_with_content(messages[0], _join(messages[0]["content"], block)))
+        messages = messages[1:]
+    else:
+        out.append({"role": "system", "content": block})
+    for message in messages:
+        role = message["role"]
+        if role == "assistant" and message.get("tool_calls"):
+            calls = [_call_text(call) for call in message["tool_calls"]]
+            text = "\n".join(t for t in [message["content"], *calls] if t)
+            out.append({"role": "assistant", "content": text})
+        elif role == "tool":
+            result = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if out[-1]["role"] == "user":  # several results (or a result and a user turn) share one user turn
+                out[-1] = _with_content(out[-1], out[-1]["content"] + "\n" + result)
+            else:
+                out.append({"role": "user", "content": result})
+        else:
+            out.append(message)
+    return out
+
+
+def _call_text(call: Any) -> str:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise EngineError("each tool call must be {'type': 'function', 'function': {'name': ..., 'arguments': ...}}")
+    return render_call(function["name"], function.get("arguments", {}))
 
 
 def _fallbacks(messages: list[Message]) -> list[list[Message]]:

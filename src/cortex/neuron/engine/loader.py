@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .memory import cuda_allocated, is_cuda, module_bytes
-from .tools import detect_tool_format
+from .tools import tool_call_mode
 from .types import LoadError, LoadSpec, ModelInfo
 
 Progress = Callable[[float, str], None]
@@ -197,7 +197,7 @@ def describe(spec: LoadSpec, config: Any, module: torch.nn.Module, tokenizer: An
         memory_bytes=memory,
         architecture=str(architectures[0]),
         dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
-        tool_call_format=detect_tool_format(template_text),
+        tool_call_format=tool_call_mode(template_text),  # "native:hermes"…, "generic" (tools in the prompt)
         chat_template=bool(template_text),
         extra=extra,
     )

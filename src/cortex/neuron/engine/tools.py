@@ -1,8 +1,17 @@
-"""Tool calls parsed back out of generated text, incrementally, for the formats chat templates teach.
+"""Tool calling on every model: how tools reach the prompt, how calls are constrained and parsed back.
+
+Call syntaxes, as chat templates teach them:
 
 - "hermes" (Hermes, Qwen 2/2.5/3 and most fine-tunes): `<tool_call>{"name": .., "arguments": {..}}</tool_call>`.
 - "json" / "llama3": a bare JSON object (or list of them) `{"name": .., "arguments"|"parameters": {..}}`
   as the whole reply, optionally after Llama 3's `<|python_tag|>`.
+
+A model's tool mode (`ModelInfo.tool_call_format`) is "native:<syntax>" when its template renders
+tools, else "generic": the neuron then writes the tools into the system prompt itself in the generic
+format below (the Hermes syntax, the one most open models have seen) and renders earlier calls and
+results as text (`chat.py`). Either way, `tool_grammar` constrains decoding (`grammar.py`) so a call,
+once the model opens one, names a declared tool with arguments valid against its schema, and
+`tool_choice` required / a named tool forces one.
 
 A parser is fed text as it streams and returns plain text that is safe to show now, holding back
 only what may still become a tool call. Malformed tool-call JSON never raises: it comes back as text.
@@ -10,16 +19,36 @@ only what may still become a tool call. Malformed tool-call JSON never raises: i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from typing import Any
 
+from . import grammar
+from .grammar import Grammar
 from .holdback import partial_marker_length
-from .types import ParsedEvent, PlainText, ToolCall
+from .types import EngineError, ParsedEvent, PlainText, ToolCall
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+GENERIC = "generic"
+NATIVE = "native:"
+
+GENERIC_TOOLS_PROMPT = """# Tools
+
+You can call tools. Each tool is listed below as a JSON object with its name, what it does, and a JSON \
+Schema of its arguments:
+<tools>
+{tools}
+</tools>
+
+To call a tool, write a JSON object with the tool's name and its arguments inside <tool_call></tool_call> tags:
+<tool_call>
+{{"name": "<tool name>", "arguments": {{<the arguments, valid against the tool's schema>}}}}
+</tool_call>
+Write one such block per call. Each result comes back inside <tool_response></tool_response> tags. \
+When no tool is needed, answer directly."""
 
 
 def detect_tool_format(chat_template: str | None) -> str | None:
@@ -33,6 +62,91 @@ def detect_tool_format(chat_template: str | None) -> str | None:
     if "tools" in chat_template:
         return "json"
     return None
+
+
+def tool_call_mode(chat_template: str | None) -> str | None:
+    """ "native:<syntax>" when the template renders tools, "generic" when it does not, None without a template."""
+    if not chat_template:
+        return None
+    syntax = detect_tool_format(chat_template)
+    return f"{NATIVE}{syntax}" if syntax else GENERIC
+
+
+def call_syntax(tool_format: str | None) -> str | None:
+    """The call syntax of a tool mode ("native:hermes" → "hermes", "generic" → "hermes"); raw syntaxes pass."""
+    if tool_format == GENERIC:
+        return "hermes"
+    if tool_format and tool_format.startswith(NATIVE):
+        return tool_format[len(NATIVE) :]
+    return tool_format
+
+
+def generic_tools_prompt(tools: list[dict[str, Any]]) -> str:
+    """The system-prompt block that teaches a template without tool support the declared tools."""
+    lines = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            raise EngineError("each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+        entry = {"name": function["name"]}
+        if function.get("description"):
+            entry["description"] = function["description"]
+        entry["parameters"] = function.get("parameters") or {"type": "object", "properties": {}}
+        lines.append(json.dumps(entry, ensure_ascii=False))
+    return GENERIC_TOOLS_PROMPT.format(tools="\n".join(lines))
+
+
+def render_call(name: str, arguments: Any, syntax: str | None = "hermes") -> str:
+    """An earlier call as the model would have written it (generic mode renders history as text)."""
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):  # unparsable arguments are shown as the string they are
+            arguments = json.loads(arguments) if arguments.strip() else {}
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{HERMES_OPEN}\n{body}\n{HERMES_CLOSE}" if syntax == "hermes" else body
+
+
+def tool_grammar(
+    tools: list[dict[str, Any]] | None, tool_choice: Any, tool_format: str | None, *, parallel: bool = True
+) -> Grammar | None:
+    """The grammar that keeps a reply's tool calls well formed, or None when decoding stays free.
+
+    tool_choice "none" (or no tools): free. "auto": free text, but a call the model opens must be a
+    valid call (Hermes syntax; bare-JSON syntaxes are left free: their calls cannot be told from prose
+    until the reply ends). "required" / "any" / a named tool: the reply is a call, to that tool if named.
+    """
+    if not tools or tool_choice in (None, "none"):
+        return None
+    syntax = call_syntax(tool_format) or "hermes"
+    if syntax not in ("hermes", "json", "llama3"):
+        return None
+    choice = _choice_name(tool_choice)
+    if choice is None:  # auto
+        if syntax != "hermes":
+            return None
+        return grammar.tool_calls(tools, forced=False, syntax="hermes", parallel=parallel)
+    if choice:
+        tools = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name") == choice]
+        if not tools:
+            raise EngineError(f"tool_choice names {choice!r}, which is not one of the tools")
+    return grammar.tool_calls(tools, forced=True, syntax=syntax, parallel=parallel and not choice)  # type: ignore[arg-type]
+
+
+def _choice_name(tool_choice: Any) -> str | None:
+    """None for auto; "" for any tool (required / any); the name for a named tool."""
+    if tool_choice in ("auto",):
+        return None
+    if tool_choice in ("required", "any"):
+        return ""
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
+        name = function.get("name")
+        if isinstance(name, str) and name:
+            return name
+        if tool_choice.get("type") in ("any", "required"):
+            return ""
+        if tool_choice.get("type") == "auto":
+            return None
+    raise EngineError(f"unsupported tool_choice {tool_choice!r}")
 
 
 def new_call_id() -> str:
@@ -74,7 +188,7 @@ class ToolCallParser:
     """Incremental parser: `feed` chunks as they stream, then `finish` once at the end."""
 
     def __init__(self, tool_format: str | None) -> None:
-        self.tool_format = tool_format
+        self.tool_format = call_syntax(tool_format)  # a tool mode ("native:hermes", "generic") or a syntax
         self._buffer = ""
         self._in_call = False  # hermes: inside <tool_call> ... </tool_call>
         self._json_state = "start"  # json: "start" (only whitespace so far) | "json" | "text"

@@ -45,10 +45,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subpr
     url = f"http://127.0.0.1:{gateway}"
     deadline = time.monotonic() + 300
     try:
-        while not _models_ready(url):
+        # What a user waits for: the "ready" line. Once it is printed a model must answer (the tests below).
+        while "ready in " not in log_path.read_text():
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.5)
+        assert _models_ready(url), log_path.read_text()
         yield url, proc, log_path, neuron
     finally:
         if proc.poll() is None:
@@ -69,7 +71,7 @@ def test_anthropic_sdk_streams_paris(fleet: tuple[str, subprocess.Popen[bytes], 
     url = fleet[0]
     client = anthropic.Anthropic(base_url=url, api_key="unused")
     with client.messages.stream(
-        model="default", max_tokens=30, messages=[{"role": "user", "content": QUESTION}]
+        model="smollm2", max_tokens=30, messages=[{"role": "user", "content": QUESTION}]
     ) as stream:
         message = stream.get_final_message()
     text = "".join(block.text for block in message.content if block.type == "text")
@@ -87,8 +89,8 @@ def test_both_sdks_list_and_retrieve_models(fleet: tuple[str, subprocess.Popen[b
         oa.models.retrieve("no-such-model")
     an = anthropic.Anthropic(base_url=url, api_key="unused")
     listed = an.models.list()
-    assert {DEFAULT_MODEL_ID, "default"} <= {m.id for m in listed.data}
-    assert an.models.retrieve("default").type == "model"
+    assert {DEFAULT_MODEL_ID, "smollm2"} <= {m.id for m in listed.data}
+    assert an.models.retrieve("smollm2").type == "model"
     with pytest.raises(anthropic.NotFoundError) as missing:
         an.models.retrieve("no-such-model")
     assert missing.value.body["error"]["type"] == "not_found_error"
@@ -105,13 +107,27 @@ def test_unknown_anthropic_route_answers_in_anthropic_envelope(
     assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
 
 
+def test_start_up_is_told_truthfully(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    """Progress from the neuron's /models, no tqdm bars, "ready" once a model answers, then the next steps."""
+    url, _, log_path, _ = fleet
+    log = log_path.read_text()
+    assert f"loading {DEFAULT_MODEL_ID} on local:" in log
+    ready = log.index("ready in ")
+    assert log.index(f"loading {DEFAULT_MODEL_ID} on local: 100% loaded") < ready
+    assert f"{DEFAULT_MODEL_ID} (alias smollm2) answers on local" in log
+    for step in (f"OPENAI_BASE_URL={url}/v1", f"ANTHROPIC_BASE_URL={url}", "/metrics", f"{url}/ui", "cortex status"):
+        assert step in log[ready:], step
+    assert "it/s]" not in log and "Converting and de-quantizing" not in log  # no tqdm bars
+    assert "event=model.load.start" not in log[:ready]  # info lines wait while the progress is shown
+
+
 def test_ctrl_c_stops_gateway_and_neuron(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
     """Runs last in this module: it stops the fleet the other tests used."""
     url, proc, log_path, neuron_port = fleet
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log_path.read_text()
     log = log_path.read_text()
-    assert "cortex is up" in log and "event=neuron.stopped" in log
+    assert "event=neuron.stopped" in log
     for port in (int(url.rsplit(":", 1)[1]), neuron_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

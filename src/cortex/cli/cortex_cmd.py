@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import contextlib
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +33,28 @@ AdminKeyOption = Annotated[
 ApiKeyOption = Annotated[str | None, typer.Option("--api-key", envvar="CORTEX_API_KEY", help="A client API key")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        import cortex
+
+        typer.echo(f"cortex {cortex.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """cortex gateway: one OpenAI/Anthropic API over a fleet of neurons."""
+
+
+# Names that major clients resolve themselves (Claude Code's model aliases): a model or alias by one of
+# these names is never reached from that client, so `cortex serve` warns about it.
+CLIENT_RESERVED_NAMES = frozenset({"default", "sonnet", "opus", "haiku", "best", "opusplan", "sonnet[1m]"})
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
@@ -58,9 +77,27 @@ def serve(
         err_console.print(f"[red]cortex: configuration error[/red]\n{exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     setup_logging(fleet.gateway.gateway.log_level)
+    _warn_about(fleet)
     from cortex.gateway.app import run
 
     run(fleet)
+
+
+def _warn_about(fleet: Any) -> None:
+    """Start anyway, but say what will surprise: no neurons, names that clients keep for themselves."""
+    if not fleet.gateway.neurons:
+        err_console.print(
+            "[yellow]warning:[/yellow] no neurons configured: every request will fail until [[neurons]] entries "
+            "are added to cortex.toml (or CORTEX_NEURONS is set)",
+            highlight=False,
+        )
+    names = {m.id for m in fleet.catalogue.models} | set(fleet.catalogue.aliases)
+    for name in sorted(names & CLIENT_RESERVED_NAMES):
+        err_console.print(
+            f"[yellow]warning:[/yellow] model name '{name}' is one Claude Code resolves itself: it never reaches the "
+            "gateway from that client; choose another alias (docs/clients.md)",
+            highlight=False,
+        )
 
 
 # ---- operator commands ---------------------------------------------------------------------------
@@ -160,34 +197,67 @@ def unload(
 def up(
     listen: Annotated[str, typer.Option(help="Gateway HOST:PORT")] = "127.0.0.1:31313",
     metrics_listen: Annotated[str, typer.Option(help="Prometheus HOST:PORT")] = "127.0.0.1:31314",
-    neuron_listen: Annotated[str, typer.Option(help="Local neuron HOST:PORT")] = "127.0.0.1:13131",
+    neuron_listen: Annotated[
+        str, typer.Option(help="The (first) local neuron's HOST:PORT; with --fleet the others take the next ports")
+    ] = "127.0.0.1:13131",
     neuron_config: Annotated[
-        Path | None, typer.Option(help="neuron.toml for the local neuron (default: the embedded model)")
+        Path | None, typer.Option(help="neuron.toml for the local neurons (default: the embedded model)")
     ] = None,
+    fleet: Annotated[
+        int, typer.Option("--fleet", min=1, help="Start N neurons on this machine (cores and memory split)")
+    ] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every log line while models load")] = False,
 ) -> None:
-    """Start a gateway and a local neuron serving the default model; Ctrl-C stops both."""
+    """Start a gateway and local neuron(s) serving the default model; Ctrl-C stops them all."""
+    import threading
+
+    from cortex.cli import up as local
     from cortex.core.logs import setup_logging
 
-    fleet = _local_fleet(listen, metrics_listen, neuron_listen, with_default_model=neuron_config is None)
+    started = time.monotonic()
+    try:
+        neurons = local.plan_neurons(neuron_listen, fleet, neuron_config)
+        wanted = [(listen, "gateway API", "--listen"), (metrics_listen, "gateway metrics", "--metrics-listen")]
+        wanted += [(n.listen, f"neuron {n.name}", "--neuron-listen") for n in neurons]
+        local.check_ports(wanted)
+    except local.CliError as exc:
+        raise _fail(f"cortex up: {exc}", 2) from None
+    config = _local_fleet(listen, metrics_listen, neurons, with_default_model=neuron_config is None)
     setup_logging("info")
-    args = [sys.executable, "-m", "cortex.cli.neuron_cmd", "serve", "--listen", neuron_listen]
-    if neuron_config is not None:
-        args += ["--config", str(neuron_config)]
-    # Its own session: Ctrl-C reaches us only, and we stop the neuron in order after the gateway.
-    from cortex.neuron.threads import share_environment  # its share of this host's cores for its threads
-
-    neuron = subprocess.Popen(args, start_new_session=True, env=share_environment(0, 1))
+    local.route_logs_through_current_stderr()
+    show_all = threading.Event()
+    if verbose:
+        show_all.set()
+    procs: list[subprocess.Popen[bytes]] = []
+    relays = []
     exit_code = 0
     try:
-        exit_code = _run_until_stopped(fleet, neuron, listen)
+        for i, neuron in enumerate(neurons):
+            prefix = f"[{neuron.name}] " if fleet > 1 else ""
+            proc, relay = local.start_neuron(neuron, neuron_config, show_all, prefix)
+            procs.append(proc)
+            relays.append(relay)
+            if i == 0:
+                names = ", ".join(f"{n.name} ({n.url})" for n in neurons)
+                console.print(f"starting {len(neurons)} neuron(s): {names} …", highlight=False, soft_wrap=True)
+        local.wait_for_neurons(list(zip(neurons, procs, strict=True)))
+        exit_code = _run_until_stopped(config, neurons, procs, listen, metrics_listen, started, show_all)
+    except local.CliError as exc:
+        show_all.set()
+        err_console.print(f"[red]error:[/red] cortex up: {exc}", highlight=False)
+        exit_code = 1
     except KeyboardInterrupt:
         pass
     finally:
-        _stop_process(neuron)
+        show_all.set()  # whatever the neurons say while stopping is shown
+        local.stop_processes(procs)
+        for relay in relays:
+            relay.thread.join(timeout=5)
     raise typer.Exit(exit_code)
 
 
-def _local_fleet(listen: str, metrics_listen: str, neuron_listen: str, *, with_default_model: bool) -> Any:
+def _local_fleet(listen: str, metrics_listen: str, neurons: list[Any], *, with_default_model: bool) -> Any:
+    from cortex.cli.up import DEFAULT_ALIAS
     from cortex.core.catalogue import Catalogue, CatalogueModel
     from cortex.core.gateway_config import GatewayConfig, fleet_config_from
     from cortex.neuron.default_model import DEFAULT_MODEL_ID
@@ -196,56 +266,72 @@ def _local_fleet(listen: str, metrics_listen: str, neuron_listen: str, *, with_d
         config = GatewayConfig.model_validate(
             {
                 "gateway": {"listen": listen, "metrics_listen": metrics_listen},
-                "neurons": [{"name": "local", "endpoint": f"http://{_client_host(neuron_listen)}"}],
+                "neurons": [{"name": n.name, "endpoint": n.url} for n in neurons],
             }
         )
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    models = [CatalogueModel(id=DEFAULT_MODEL_ID, pinned_on=["local"])] if with_default_model else []
-    aliases = {"default": DEFAULT_MODEL_ID} if with_default_model else {}
+    first = neurons[0].name
+    models = [CatalogueModel(id=DEFAULT_MODEL_ID, pinned_on=[first])] if with_default_model else []
+    aliases = {DEFAULT_ALIAS: DEFAULT_MODEL_ID} if with_default_model else {}
     return fleet_config_from(config, Catalogue(models=models, aliases=aliases))
 
 
-def _client_host(listen: str) -> str:
-    host, _, port = listen.rpartition(":")
-    return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+def _run_until_stopped(
+    fleet: Any,
+    neurons: list[Any],
+    procs: list[subprocess.Popen[bytes]],
+    listen: str,
+    metrics_listen: str,
+    started: float,
+    show_all: Any,
+) -> int:
+    import logging
 
-
-def _run_until_stopped(fleet: Any, neuron: subprocess.Popen[bytes], listen: str) -> int:
+    from cortex.cli.up import StartupReport, client_host
     from cortex.gateway.app import serve
-
-    neuron_url = fleet.gateway.neurons[0].endpoint
-    console.print(f"starting neuron at {neuron_url} …")
-    _wait_for_neuron(neuron, neuron_url)
 
     async def main() -> int:
         stop = asyncio.Event()
-        exited: list[int] = []
+        exited: list[tuple[str, int]] = []
+        tasks: list[asyncio.Task[None]] = []
 
-        async def watch_neuron() -> None:
+        async def watch_neurons() -> None:
             # A child's exit has no awaitable here (it was started before the loop): look twice a second.
-            while neuron.poll() is None:  # noqa: ASYNC110
+            while all(p.poll() is None for p in procs):  # noqa: ASYNC110
                 await asyncio.sleep(0.5)
-            exited.append(neuron.returncode)
+            exited.extend((n.name, p.returncode) for n, p in zip(neurons, procs, strict=True) if p.poll() is not None)
             stop.set()
 
-        def ready() -> None:
-            url = f"http://{_client_host(listen)}"
-            console.print(
-                f"[green]cortex is up[/green] at {url} — try:\n"
-                f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-                '-d \'{"model": "default", "messages": [{"role": "user", '
-                '"content": "What is the capital of France?"}]}\'',
-                highlight=False,
-            )
+        def now_ready() -> None:
+            logging.getLogger().setLevel(logging.INFO)
+            show_all.set()
 
-        watcher = asyncio.create_task(watch_neuron())
+        report = StartupReport(
+            neurons=neurons,
+            gateway_url=f"http://{client_host(listen)}",
+            metrics_url=f"http://{client_host(metrics_listen)}" if metrics_listen else None,
+            started=started,
+            on_ready=now_ready,
+        )
+
+        def ready() -> None:
+            tasks.append(asyncio.create_task(report.run()))
+
+        if not show_all.is_set():
+            logging.getLogger().setLevel(logging.WARNING)  # the progress bars say what the info lines would
+        tasks.append(asyncio.create_task(watch_neurons()))
         try:
             await serve(fleet, stop=stop, on_ready=ready)
         finally:
-            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if exited:
-            err_console.print(f"[red]the neuron exited with status {exited[0]}[/red]; stopping")
+            name, code = exited[0]
+            err_console.print(f"[red]neuron {name} exited with status {code}[/red]; stopping")
             return 1
         return 0
 
@@ -254,30 +340,6 @@ def _run_until_stopped(fleet: Any, neuron: subprocess.Popen[bytes], listen: str)
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
-
-
-def _wait_for_neuron(neuron: subprocess.Popen[bytes], url: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if neuron.poll() is not None:
-            raise _fail(f"the neuron exited with status {neuron.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/version", timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise _fail(f"the neuron at {url} did not answer within {timeout:.0f}s")
-
-
-def _stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> None:

@@ -105,8 +105,10 @@ async def test_feasibility_puts_a_model_on_a_device_big_enough(
     assert (await chat(http, gateway, "wide"))[1]["choices"][0]["message"]["content"] == "hello from big"
     listed = {m["id"] for m in get_json(f"{gateway.url}/v1/models")["data"]}
     assert "toobig" not in listed  # feasible on no healthy node: not offered
-    status, body, _ = await chat(http, gateway, "toobig")
-    assert (status, body["error"]["code"]) == (503, "model_unavailable")
+    status, body, headers = await chat(http, gateway, "toobig")
+    # Every node is up and none could ever hold it: a 4xx that says so, not a 503 to retry forever.
+    assert (status, body["error"]["code"]) == (400, "model_too_large")
+    assert "fits no neuron in this fleet" in body["error"]["message"] and "Retry-After" not in headers
 
 
 async def test_concurrent_requests_for_a_cold_model_share_one_load(

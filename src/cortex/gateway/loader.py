@@ -155,6 +155,8 @@ class Loader:
             try:
                 plan = self.placer.plan(spec, time.monotonic(), only_node)
             except NoPlacement as exc:
+                if exc.never_fits:  # a 4xx the client can act on, not a 503 to retry forever
+                    raise ApiError(400, f"{exc}: it fits no neuron in this fleet", code="model_too_large") from None
                 raise ApiError(
                     503,
                     str(exc),

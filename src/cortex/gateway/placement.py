@@ -41,10 +41,14 @@ class Plan:
 class NoPlacement(Exception):
     """No node can take the model now. `retry_after` is set when waiting would help."""
 
-    def __init__(self, message: str, *, infeasible: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, infeasible: bool, retry_after: float | None = None, never_fits: bool = False
+    ) -> None:
         super().__init__(message)
         self.infeasible = infeasible
         self.retry_after = retry_after
+        # Every node asked is up and known, and none has devices it could ever fit on: waiting cannot help.
+        self.never_fits = never_fits
 
 
 def model_size_mb(spec: CatalogueModel, state: FleetState) -> float:
@@ -100,7 +104,10 @@ class Placer:
         nodes = [n for n in self.state.nodes.values() if only_node is None or n.name == only_node]
         feasible = [n for n in nodes if is_feasible(spec, n, need) and spec.id not in _busy_ids(n, spec.id)]
         if not feasible:
-            raise NoPlacement(self._infeasible_message(spec, need, nodes), infeasible=True)
+            never_fits = bool(nodes) and all(
+                n.healthy and n.discovered and eligible_devices(spec, n, need) is None for n in nodes
+            )
+            raise NoPlacement(self._infeasible_message(spec, need, nodes), infeasible=True, never_fits=never_fits)
         views = [self._view(spec, node, need, now) for node in feasible]
         plans = [v.plan for v in views if v.plan is not None]
         if plans:

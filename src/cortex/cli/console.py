@@ -123,18 +123,27 @@ def replicas_table(state: dict[str, Any]) -> Table:
         table.add_column(column)
     for node in state["nodes"]:
         for m in node["models"]:
-            status = styled_status(m["status"])
-            if m["status"] == "loading" and m.get("load_progress") is not None:
-                status.append(f" {m['load_progress'] * 100:.0f}%")
-            if m.get("error"):
-                status.append(f" ({m['error']})", style="dim")
+            if not node["healthy"]:
+                # What an unreachable node last reported is history, not state: never show it as loaded.
+                status = Text(f"stale (was {m['status']})", style="dim red")
+                last = node.get("last_ok_s_ago")
+                seen = "" if last is None else f", last answered {_ago(last)}"
+                status.append(f" — node unhealthy{seen}", style="dim")
+                in_flight, queued = "-", "-"
+            else:
+                status = styled_status(m["status"])
+                if m["status"] == "loading" and m.get("load_progress") is not None:
+                    status.append(f" {m['load_progress'] * 100:.0f}%")
+                if m.get("error"):
+                    status.append(f" ({m['error']})", style="dim")
+                in_flight, queued = str(max(m["in_flight"], m["neuron_in_flight"])), str(m["queue_depth"])
             table.add_row(
                 m["id"],
                 m["node"],
                 status,
                 _mb(m["vram_used_mb"]) if m["vram_used_mb"] else "-",
-                str(max(m["in_flight"], m["neuron_in_flight"])),
-                str(m["queue_depth"]),
+                in_flight,
+                queued,
                 _ago(m["last_used_s_ago"]),
                 "-" if m["resident_for_s"] is None else f"{m['resident_for_s']:.0f}s",
                 "yes" if m["pinned"] else "",

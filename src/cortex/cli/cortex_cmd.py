@@ -184,12 +184,56 @@ def unload(
     url: UrlOption = DEFAULT_URL,
     admin_key: AdminKeyOption = None,
 ) -> None:
-    """Unload a model from a neuron."""
+    """Unload a model from a neuron (a pinned model is loaded again: this says so, and how to keep it out)."""
+    client = GatewayClient(url, admin_key)
     try:
-        _, answer = GatewayClient(url, admin_key).post("/admin/unload", {"model": model, "node": node})
+        _, state = client.get("/admin/state")
+        _, answer = client.post("/admin/unload", {"model": model, "node": node})
     except CliError as exc:
         raise _fail(str(exc)) from None
     console.print(f"unloaded [bold]{answer['model']}[/bold] from {answer['node']}")
+    pin = _pin_of(state, answer["model"], answer["node"])
+    if pin == "catalogue":
+        console.print(
+            f"[yellow]note:[/yellow] {answer['model']} is pinned on {answer['node']} (pinned_on in models.toml), "
+            "so the gateway loads it there again at its next poll. To keep it unloaded, remove "
+            f"'{answer['node']}' from its pinned_on and restart the gateway.",
+            highlight=False,
+        )
+    elif pin == "runtime":
+        console.print(
+            f"[yellow]note:[/yellow] {answer['model']} is pinned on {answer['node']} (cortex pin), so the gateway "
+            f"loads it there again at its next poll. To keep it unloaded: cortex pin {answer['model']} "
+            f"--node {answer['node']} --off, then unload it.",
+            highlight=False,
+        )
+
+
+def _pin_of(state: dict[str, Any], model: str, node: str) -> str | None:
+    """How the replica is pinned before the unload: "catalogue", "runtime", or None."""
+    for entry in state.get("catalogue", []):
+        if entry["id"] == model and node in (entry.get("pinned_on") or []):
+            return "catalogue"
+    replica = _replica(state, model, node)
+    return "runtime" if replica is not None and replica.get("pinned") else None
+
+
+@app.command()
+def pin(
+    model: Annotated[str, typer.Argument(help="Model id or alias")],
+    node: Annotated[str, typer.Option("--node", "-n", help="The neuron to pin it on")],
+    off: Annotated[bool, typer.Option("--off", help="Unpin instead (run-time pins only)")] = False,
+    url: UrlOption = DEFAULT_URL,
+    admin_key: AdminKeyOption = None,
+) -> None:
+    """Pin a model on a neuron at run time (never evicted there, preferred for placement), or unpin it."""
+    body = {"model": model, "node": node, "pinned": not off}
+    try:
+        _, answer = GatewayClient(url, admin_key).post("/admin/pin", body)
+    except CliError as exc:
+        raise _fail(str(exc)) from None
+    verb = "pinned" if answer["pinned"] else "unpinned"
+    console.print(f"{verb} [bold]{answer['model']}[/bold] on {answer['node']} (until the gateway restarts)")
 
 
 # ---- up --------------------------------------------------------------------------------------------

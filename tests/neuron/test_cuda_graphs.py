@@ -7,9 +7,12 @@ The real capture runs in benchmarks/gpu/run.sh.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from cortex.neuron.engine import Engine, LoadSpec, ModelSource
 from cortex.neuron.engine.attention import AttentionContext, KVPool, PrefillChunk
 from cortex.neuron.engine.cuda_graphs import (
     DecodeGraphs,
@@ -175,3 +178,14 @@ def test_memory_budget_leaves_wide_pairs_to_eager(prefilled: tuple[ModelRunner, 
     assert stats.graphs == 5
     with torch.inference_mode():
         assert graphs.replay(decode_batch([0, 1, 2], [1, 2, 3])) is not None  # 3 rows, 3 blocks → (4, 64)
+
+
+async def test_a_cpu_model_reports_graphs_off_with_the_reason(tiny_model: Path) -> None:
+    engine = Engine(["cpu"])
+    try:
+        model = await engine.load(LoadSpec("tiny", ModelSource("local", str(tiny_model)), device="cpu"))
+        graphs = model.kv_stats()["cuda_graphs"]
+        assert (graphs["enabled"], graphs["reason"], graphs["graphs"]) == (False, "not a CUDA device", 0)
+        assert model._scheduler.runner is not None and model._scheduler.runner.graphs is None
+    finally:
+        engine.close()

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
+from cortex.core.logs import log_event
+
 from .attention import AttentionContext
 from .runner import ModelRunner, StepBatch
 
@@ -276,6 +278,7 @@ def capture_decode_graphs(
     max_blocks: int,
     enabled: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    model_id: str = "-",
 ) -> GraphStats:
     """At load, on the device worker: capture the runner's decode graphs (CUDA only) and attach them.
 
@@ -298,8 +301,20 @@ def capture_decode_graphs(
         del graphs
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        return GraphStats(reason=f"capture failed: {type(exc).__name__}: {exc}")
+        failed = GraphStats(reason=f"capture failed: {type(exc).__name__}: {exc}")
+        log_event(log, "model.cuda_graphs.failed", logging.WARNING, model=model_id, reason=failed.reason)
+        return failed
     torch.cuda.synchronize(device)
     stats.memory_bytes = max(0, torch.cuda.memory_reserved(device) - before)
     runner.graphs = graphs
+    log_event(
+        log,
+        "model.cuda_graphs",
+        model=model_id,
+        capture_s=round(stats.capture_s, 3),
+        graphs=stats.graphs,
+        batch_sizes=",".join(map(str, stats.batch_sizes)),
+        widths_tokens=",".join(map(str, stats.widths_tokens)),
+        memory_mb=round(stats.memory_bytes / 2**20),
+    )
     return stats

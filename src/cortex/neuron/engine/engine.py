@@ -20,6 +20,7 @@ import torch
 from .attention import KVPool
 from .blocks import BlockManager
 from .chat import ChatRenderer
+from .cuda_graphs import GraphStats, capture_decode_graphs
 from .loader import LoadedWeights, classify_load_failure, describe, eos_token_ids, load_weights
 from .memory import (
     KVBudget,
@@ -33,7 +34,7 @@ from .memory import (
 )
 from .reasoning import ReasoningParser, prompt_opens_thinking, template_thinks
 from .runner import ModelRunner, kv_shape
-from .scheduler import Scheduler, SchedulerOptions
+from .scheduler import MAX_RUNNING, Scheduler, SchedulerOptions
 from .tools import ToolCallParser
 from .types import (
     EngineError,
@@ -90,6 +91,7 @@ class LoadedModel:
         )
         self._unloaded = False
         self._sampling_defaults = generation_defaults(weights.module)
+        self.graph_stats = GraphStats(reason="not captured")
 
     # Prompt side: pure Python, no torch; callers may run long renders off the loop (a tokenizer thread).
 
@@ -150,7 +152,7 @@ class LoadedModel:
         """Test hook: the next `count` forwards raise DeviceFault, as a device fault would."""
         self._scheduler.inject_fault(count)
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self) -> dict[str, Any]:
         """The KV pool's capacity and use (for /models): blocks of `block_size` tokens; cached = free but reusable."""
         blocks = self._scheduler.blocks
         return {
@@ -163,6 +165,7 @@ class LoadedModel:
             "prefix_hit_tokens": blocks.hit_tokens,
             "prefix_lookup_tokens": blocks.lookup_tokens,
             "preemptions": self._scheduler.preemptions,
+            "cuda_graphs": self.graph_stats.as_dict(),
         }
 
     @property
@@ -202,6 +205,17 @@ class LoadedModel:
         if runner is not None:
             runner.warm_up(_warm_up_token(self._tokenizer))
 
+    def _capture_graphs(self, enabled: bool, max_active: int | None) -> None:
+        """Worker thread, after warm-up: decode graphs for every batch the scheduler may run (CUDA only)."""
+        runner, blocks = self._scheduler.runner, self._scheduler.blocks
+        if runner is None:
+            return
+        max_batch = min(max_active or MAX_RUNNING, MAX_RUNNING, blocks.usable_blocks)
+        max_blocks = blocks.blocks_for(self.info.context_length)
+        self.graph_stats = capture_decode_graphs(
+            runner, max_batch=max_batch, max_blocks=max_blocks, enabled=enabled, model_id=self.info.model_id
+        )
+
     def _check_loaded(self) -> None:
         if self._unloaded:
             raise EngineError("model is unloaded")
@@ -232,6 +246,7 @@ class Engine:
         max_active_sequences: int | None = None,
         step_tokens: int | None = None,
         kv_budget: KVBudget | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if not devices:
             raise ValueError("an engine needs at least one device")
@@ -240,6 +255,7 @@ class Engine:
         self._max_active = max_active_sequences
         self._step_tokens = step_tokens
         self._kv_budget = kv_budget or KVBudget()
+        self._cuda_graphs = cuda_graphs  # decode from captured CUDA graphs on CUDA devices (cuda_graphs.py)
 
     @property
     def devices(self) -> list[str]:
@@ -356,6 +372,9 @@ class Engine:
             model = LoadedModel(weights(), worker, self._options(worker.device), self._kv_budget)
             report(0.95, "warming up")
             model._warm_up()
+            if is_cuda(worker.device):
+                report(0.97, "capturing CUDA graphs")
+            model._capture_graphs(self._cuda_graphs, self._max_active)
             report(1.0, "loaded")
             return model
         except LoadError as exc:

@@ -1,8 +1,10 @@
 """Per-model admission: a bounded number of sequences in flight, a bounded queue, a bounded wait.
 
-Past any bound the request is refused at once — 429 when the queue is full, 503 when the wait
-ran out — with Retry-After, never an unbounded wait. A cancelled waiter (client gone) leaves the
-queue without taking a slot.
+How many run at once: `max_in_flight` when the config sets one (an override), otherwise the model's
+own capacity — as many sequences as its KV cache holds (`set_capacity`, from the engine once the
+model is loaded). Past any bound the request is refused at once — 429 when the queue is full, 503
+when the wait ran out — with Retry-After, never an unbounded wait. A cancelled waiter (client
+gone) leaves the queue without taking a slot.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Admission:
         self.limits = limits
         self.in_flight = 0
         self.counters = AdmissionCounters()
+        self.capacity: int | None = None  # derived from the model's KV cache; used when max_in_flight is unset
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -37,6 +40,20 @@ class Admission:
     async def wait_idle(self) -> None:
         """Return once nothing is in flight (bound it with `asyncio.timeout`)."""
         await self._idle.wait()
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """The count that bounds sequences in flight now (None: no count bound, only the KV cache's)."""
+        return self.limits.max_in_flight if self.limits.max_in_flight is not None else self.capacity
+
+    def set_capacity(self, capacity: int | None) -> None:
+        """The model's capacity in sequences (from its KV cache), once it is loaded; lets waiters in if it grew."""
+        self.capacity = capacity
+        self._hand_over()
+
+    def _has_room(self) -> bool:
+        limit = self.max_in_flight
+        return limit is None or self.in_flight < limit
 
     @property
     def queue_depth(self) -> int:
@@ -51,7 +68,7 @@ class Admission:
             self._release()
 
     async def _acquire(self) -> None:
-        if self.in_flight < self.limits.max_in_flight and not self._waiters:
+        if self._has_room() and not self._waiters:
             self._take()
             return
         if len(self._waiters) >= self.limits.max_queue_depth:
@@ -100,7 +117,10 @@ class Admission:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
-        while self._waiters and self.in_flight < self.limits.max_in_flight:
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self._has_room():
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._take()

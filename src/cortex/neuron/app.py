@@ -130,7 +130,7 @@ async def get_health(request: web.Request) -> web.Response:
                 status=slot.status,
                 in_flight=slot.admission.in_flight,
                 queue_depth=slot.admission.queue_depth,
-                max_in_flight=slot.admission.limits.max_in_flight,
+                max_in_flight=slot.admission.max_in_flight,
                 max_queue_depth=slot.admission.limits.max_queue_depth,
                 admitted=counters.admitted,
                 rejected_queue_full=counters.rejected_queue_full,

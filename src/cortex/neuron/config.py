@@ -22,7 +22,8 @@ class _Strict(BaseModel):
 
 
 class AdmissionLimits(_Strict):
-    max_in_flight: int = Field(default=4, ge=1)
+    # None: as many sequences as the model's KV cache holds (they decode in one batch); a number caps it.
+    max_in_flight: int | None = Field(default=None, ge=1)
     max_queue_depth: int = Field(default=64, ge=0)
     max_wait_secs: float = Field(default=30.0, gt=0)
 

@@ -199,6 +199,7 @@ class Lifecycle:
             await self._fail(slot, "error", f"{type(exc).__name__}: {exc}")
             return
         slot.loaded, slot.status, slot.error = loaded, ModelStatus.LOADED, None
+        slot.admission.set_capacity(getattr(loaded, "sequence_capacity", None))
         slot.loaded_at = time.time()
         slot.load_seconds = round(time.monotonic() - started, 3)
         log_event(

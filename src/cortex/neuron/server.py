@@ -14,7 +14,7 @@ from cortex.core.logs import log_event
 from cortex.hardening.http import HardenedRunner, harden
 from cortex.neuron.app import NeuronState, build_app, error_response
 from cortex.neuron.config import NeuronConfig, parse_listen
-from cortex.neuron.engine import Engine
+from cortex.neuron.engine import Engine, KVBudget
 from cortex.neuron.hardware import Hardware
 from cortex.neuron.versions import version_info
 
@@ -31,7 +31,9 @@ def start_default_models(state: NeuronState) -> None:
 
 async def serve(config: NeuronConfig) -> None:
     hardware = Hardware(config.devices)
-    engine = Engine([d.torch_name for d in hardware.devices])
+    cpu = next((d for d in hardware.devices if d.kind == "cpu"), None)  # its KV pool is a share of this budget
+    kv_budget = KVBudget(cpu_budget_bytes=cpu.vram_total_mb * 2**20 if cpu is not None else None)
+    engine = Engine([d.torch_name for d in hardware.devices], kv_budget=kv_budget)
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request
     host, port = parse_listen(config.listen)

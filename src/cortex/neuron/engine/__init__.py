@@ -5,6 +5,7 @@ and parse tool calls / reasoning out of the output. See docs/engine.md for the d
 """
 
 from .engine import Engine, LoadedModel
+from .memory import KVBudget
 from .reasoning import ReasoningParser
 from .tools import ToolCallParser, parse_tool_calls
 from .types import (
@@ -33,6 +34,7 @@ __all__ = [
     "Finished",
     "GenerationEvent",
     "GenerationRequest",
+    "KVBudget",
     "LoadError",
     "LoadSpec",
     "LoadedModel",

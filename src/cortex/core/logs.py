@@ -9,11 +9,25 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
+import re
 import sys
 import time
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID = 128
+_SAFE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID}}}").fullmatch
+
+
+def request_id_from(given: str | None) -> str:
+    """The caller's request id when it is safe to log and echo (letters, digits, `.`, `_`, `-`, at
+    most 128), else a new one; set for every log line of this request either way."""
+    rid = given if given and _SAFE_REQUEST_ID(given) else os.urandom(8).hex()
+    request_id_var.set(rid)
+    return rid
 
 
 def _format_value(value: Any) -> str:

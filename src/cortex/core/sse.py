@@ -1,12 +1,13 @@
-"""Server-sent events as the dialect routes write them: named events and keep-alive comments.
+"""Server-sent events: the one place their framing is written, for both daemons.
 
-Anthropic and OpenAI Responses streams name every event (`event: message_start`) and put one
-JSON object on its `data:` line; every SDK's decoder expects the JSON compact, on one line.
+Every event ends with a blank line (`EVENT_END`); readers take one whole event at a time. OpenAI
+streams send unnamed `data:` events and end with `data: [DONE]`; Anthropic and OpenAI Responses
+streams name every event (`event: message_start`). Every SDK's decoder expects one compact JSON
+object on one `data:` line. Comments (`: keep-alive`) keep idle connections open.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,16 @@ import orjson
 
 SseEvent = tuple[str, dict[str, Any]]
 """One event as the translators emit it: (event name, JSON data)."""
+
+EVENT_END = b"\n\n"
+DONE = b"data: [DONE]\n\n"
+# Headers of every event stream either daemon answers: no caching, no proxy buffering (nginx).
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def encode_data(data: dict[str, Any]) -> bytes:
+    """An unnamed event, as OpenAI streams send them."""
+    return b"data: " + orjson.dumps(data) + EVENT_END
 
 
 def encode_event(name: str, data: dict[str, Any]) -> bytes:
@@ -30,33 +41,12 @@ def encode_comment(text: str = "keep-alive") -> bytes:
     return b": " + text.encode() + b"\n\n"
 
 
-class ChunkTranslator(ABC):
-    """Drives a dialect's stream translator over OpenAI chat chunks (parsed dicts).
+KEEPALIVE = encode_comment()
 
-    The opening events go out once, before anything else; usage chunks update the token counts;
-    each choice is translated by the dialect; nothing is emitted after the stream was finished.
-    """
 
-    _started: bool  # set by the dialect's __init__
-    _finished: bool
-
-    @abstractmethod
-    def start(self) -> list[SseEvent]:
-        """The opening events, once (later calls return none)."""
-
-    @abstractmethod
-    def _note_usage(self, usage: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def _feed_choice(self, choice: dict[str, Any]) -> list[SseEvent]: ...
-
-    def feed(self, chunk: dict[str, Any]) -> list[SseEvent]:
-        events = self.start()
-        if self._finished:
-            return events
-        usage = chunk.get("usage")
-        if usage:
-            self._note_usage(usage)
-        for choice in chunk.get("choices") or []:
-            events.extend(self._feed_choice(choice))
-        return events
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one whole event (multi-line data joined), or None for comments and blanks."""
+    if event.startswith(b"data: ") and event.count(b"\n") == 2:
+        return event[6:-2]  # the common case: one data line
+    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None

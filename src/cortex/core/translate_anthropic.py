@@ -33,8 +33,9 @@ from cortex.core.anthropic import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from cortex.core.chunk_translator import ChunkTranslator
 from cortex.core.errors import ApiError, bad_request
-from cortex.core.sse import ChunkTranslator, SseEvent
+from cortex.core.sse import SseEvent
 
 # Where tool-call arguments that are not a JSON object end up, so a tool sees what the model wrote.
 RAW_ARGUMENTS_KEY = "raw_arguments"

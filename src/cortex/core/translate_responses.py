@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from cortex.core.chunk_translator import ChunkTranslator
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.responses import (
     ContentPart,
@@ -26,7 +27,7 @@ from cortex.core.responses import (
     ResponsesRequest,
     TextFormat,
 )
-from cortex.core.sse import ChunkTranslator, SseEvent
+from cortex.core.sse import SseEvent
 
 ChatMessage = dict[str, Any]
 Part = dict[str, Any]

@@ -1,8 +1,10 @@
 """The gateway's HTTP applications and process: client/admin API on `listen`, Prometheus on `metrics_listen`.
 
-Route modules are listed once, in `ROUTE_MODULES`: each exposes `register(app)` and adds its
-routes; adding a module of routes (e.g. a dialect) is one line there. Handlers reach the shared
-parts through `request.app[GATEWAY]` (keys.py) or `upstream_of(request)` (upstream.py).
+`build_app` is the one place routes are mounted: each route module gets, through its `setup`,
+the parts it uses and nothing more. Every route runs in the request pipeline (pipeline.py:
+request id, authentication, errors in the caller's dialect) inside the hardening guard (body
+decoding, last-resort JSON errors). Adding a module of routes (a dialect, the dashboard) is one
+line in `build_app`.
 """
 
 from __future__ import annotations
@@ -13,46 +15,42 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from types import ModuleType
 
 from aiohttp import web
 
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import FleetConfig, parse_listen
 from cortex.core.logs import log_event
-from cortex.gateway import admin, dialect_routes, listing, proxy, wire
-from cortex.gateway.keys import GATEWAY
+from cortex.gateway import admin, dashboard, listing
+from cortex.gateway.dialects.anthropic import routes as anthropic_routes
+from cortex.gateway.dialects.openai import routes as openai_routes
+from cortex.gateway.dialects.responses import routes as responses_routes
 from cortex.gateway.metrics import CONTENT_TYPE
+from cortex.gateway.pipeline import Access, Dialect, endpoint, render_error, request_pipeline
 from cortex.gateway.runtime import Gateway
 from cortex.hardening.http import HardenedRunner, harden
 
 log = logging.getLogger("cortex.gateway")
 
-ROUTE_MODULES: tuple[ModuleType, ...] = (
-    proxy,  # POST /v1/chat/completions, /v1/completions (OpenAI pass-through)
-    listing,  # GET /v1/models, /health
-    admin,  # /admin/*
-    dialect_routes,  # POST /v1/messages, /v1/messages/count_tokens, /v1/responses (Anthropic, OpenAI Responses)
-)
 
-
-def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.config.gateway.max_body_bytes)
-    app[GATEWAY] = gateway
-    for module in ROUTE_MODULES:
-        module.register(app)
+def build_app(gw: Gateway) -> web.Application:
+    limit = gw.config.max_body_bytes
+    app = web.Application(client_max_size=limit, middlewares=[request_pipeline(gw.auth)])
+    # Routes match the path only, so Claude Code's `/v1/messages?beta=true` lands on /v1/messages.
+    openai_routes.setup(app, gw.relay)  # POST /v1/chat/completions, /v1/completions (pass-through)
+    anthropic_routes.setup(app, gw.relay)  # POST /v1/messages, /v1/messages/count_tokens
+    responses_routes.setup(app, gw.relay)  # POST /v1/responses
+    listing.setup(app, gw.state, gw.catalogue, gw.started_at)  # GET /v1/models, /v1/models/{id}, /health
+    admin.setup(app, gw.state, gw.catalogue, gw.loader, gw.evictor, gw.eviction, gw.load.timeout_s, gw.started_at)
+    dashboard.setup(app, gw.metrics.render)  # GET /ui (the fleet page), GET /admin/live (its live figures)
     # Last: anything unmatched gets a 404 in the caller's dialect (a catch-all costs matched routes nothing).
     app.router.add_route("*", "/{tail:.*}", _not_found)
-    return harden(app, _error_in_dialect, max_body_bytes=gateway.config.gateway.max_body_bytes)
+    return harden(app, render_error, max_body_bytes=limit)
 
 
-def _error_in_dialect(request: web.Request, err: ApiError) -> web.Response:
-    return wire.error_in_dialect(request, err, wire.request_id(request))
-
-
+@endpoint(access=Access.OPEN, dialect=Dialect.CALLER)
 async def _not_found(request: web.Request) -> web.Response:
-    err = ApiError(404, f"no route {request.method} {request.path}", code="unknown_route")
-    return wire.error_in_dialect(request, err, wire.request_id(request))
+    raise ApiError(404, f"no route {request.method} {request.path}", code="unknown_route")
 
 
 def build_metrics_app(gateway: Gateway) -> web.Application:
@@ -61,7 +59,7 @@ def build_metrics_app(gateway: Gateway) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    return harden(app, _error_in_dialect, max_body_bytes=1024 * 1024)
+    return harden(app, render_error, max_body_bytes=1024 * 1024)
 
 
 async def _site(app: web.Application, listen: str) -> web.AppRunner:
@@ -88,8 +86,8 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(fleet)
     await gateway.start()
-    runners = [await _site(build_app(gateway), fleet.gateway.gateway.listen)]
-    metrics_listen = fleet.gateway.gateway.metrics_listen
+    runners = [await _site(build_app(gateway), gateway.config.listen)]
+    metrics_listen = gateway.config.metrics_listen
     if metrics_listen:
         runners.append(await _site(build_metrics_app(gateway), metrics_listen))
     # Everything built so far lives as long as the process: keep it out of every future GC pass,
@@ -99,10 +97,10 @@ async def serve(
     log_event(
         log,
         "gateway.listening",
-        listen=fleet.gateway.gateway.listen,
+        listen=gateway.config.listen,
         metrics=metrics_listen or "-",
-        strategy=fleet.gateway.eviction.strategy,
-        config=fleet.source,
+        strategy=gateway.eviction.strategy,
+        config=gateway.source,
     )
     if on_ready is not None:
         ready = on_ready()

@@ -13,49 +13,94 @@ from typing import Any
 
 from aiohttp import web
 
-from cortex.core.errors import ApiError, model_not_found
+from cortex.core.catalogue import Catalogue
+from cortex.core.errors import model_not_found
 from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
-from cortex.gateway import wire
-from cortex.gateway.keys import GATEWAY
+from cortex.gateway.bodies import json_response
+from cortex.gateway.pipeline import Access, Dialect, endpoint, speaks_anthropic
 from cortex.gateway.placement import feasible_anywhere
-from cortex.gateway.runtime import Gateway
-from cortex.gateway.state import Replica
+from cortex.gateway.state import FleetState, Replica
 
 _HIDDEN = frozenset({ModelStatus.FAILED, ModelStatus.UNLOADING})
 
 
-def register(app: web.Application) -> None:
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model_id:.+}", get_model)
-    app.router.add_get("/health", health)
+def setup(app: web.Application, state: FleetState, catalogue: Catalogue, started_at: float) -> Listing:
+    listing = Listing(state, catalogue, started_at)
+    app.router.add_get("/v1/models", listing.list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", listing.get_model)
+    app.router.add_get("/health", listing.health)
+    return listing
 
 
-async def list_models(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    rid = wire.request_id(request)
-    try:
-        gw.check_client_key(request)
-    except ApiError as err:
-        return wire.error_in_dialect(request, err, rid)
-    entries = model_entries(gw)
-    if wire.speaks_anthropic(request):
-        return wire.json_response(anthropic_model_list(entries))
-    return wire.json_response({"object": "list", "data": entries})
+class Listing:
+    def __init__(self, state: FleetState, catalogue: Catalogue, started_at: float) -> None:
+        self.state = state
+        self.catalogue = catalogue
+        self.started_at = started_at
 
+    @endpoint(dialect=Dialect.CALLER)
+    async def list_models(self, request: web.Request) -> web.Response:
+        entries = self.model_entries()
+        if speaks_anthropic(request):
+            return json_response(anthropic_model_list(entries))
+        return json_response({"object": "list", "data": entries})
 
-async def get_model(request: web.Request) -> web.Response:
-    """`GET /v1/models/{id}` (the SDKs' `models.retrieve`), in the caller's dialect."""
-    gw = request.app[GATEWAY]
-    rid = wire.request_id(request)
-    model_id = request.match_info["model_id"]
-    try:
-        gw.check_client_key(request)
-        entry = next((e for e in model_entries(gw) if e["id"] == model_id), None)
+    @endpoint(dialect=Dialect.CALLER)
+    async def get_model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{id}` (the SDKs' `models.retrieve`), in the caller's dialect."""
+        model_id = request.match_info["model_id"]
+        entry = next((e for e in self.model_entries() if e["id"] == model_id), None)
         if entry is None:
             raise model_not_found(model_id)
-    except ApiError as err:
-        return wire.error_in_dialect(request, err, rid)
-    return wire.json_response(anthropic_model(entry) if wire.speaks_anthropic(request) else entry)
+        return json_response(anthropic_model(entry) if speaks_anthropic(request) else entry)
+
+    @endpoint(access=Access.OPEN, dialect=Dialect.CALLER)
+    async def health(self, request: web.Request) -> web.Response:
+        """Always 200 while the gateway runs; `status` says whether any neuron can serve."""
+        neurons = {
+            node.name: {"healthy": node.healthy, "error": node.last_error, "models": len(node.replicas)}
+            for node in self.state.nodes.values()
+        }
+        healthy = sum(1 for n in neurons.values() if n["healthy"])
+        return json_response(
+            {"status": "ok" if healthy else "degraded", "healthy_neurons": healthy, "neurons": neurons}
+        )
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        state, catalogue = self.state, self.catalogue
+        ids = catalogue.ids() + sorted(state.served_ids() - set(catalogue.ids()))
+        entries: dict[str, dict[str, Any]] = {}
+        for model_id in ids:
+            replicas = [r for r in state.replicas(model_id) if r.status not in _HIDDEN]
+            spec = catalogue.get(model_id)
+            if replicas or (spec is not None and feasible_anywhere(spec, state)):
+                entries[model_id] = self._entry(model_id, replicas)
+        aliases = [
+            {**entries[target], "id": alias, "alias_of": target}
+            for alias, target in catalogue.aliases.items()
+            if target in entries
+        ]
+        return [*entries.values(), *aliases]
+
+    def _entry(self, model_id: str, replicas: list[Replica]) -> dict[str, Any]:
+        spec = self.catalogue.get(model_id)
+        contexts = [r.context for r in replicas if r.context]
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "cortex",
+            "status": _overall_status(replicas),
+            "loaded_on": [r.node for r in replicas if r.status == ModelStatus.LOADED],
+            "replicas": [
+                {"node": r.node, "status": r.status, "devices": r.devices, "load_progress": r.load_progress}
+                for r in replicas
+            ],
+            "context_length": max(contexts) if contexts else None,
+            "in_catalogue": spec is not None,
+            "pinned_on": spec.pinned_on if spec is not None else [],
+            "alias_of": None,
+        }
 
 
 def anthropic_model(entry: dict[str, Any]) -> dict[str, Any]:
@@ -69,44 +114,6 @@ def anthropic_model_list(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"data": data, "has_more": False, "first_id": first, "last_id": last}
 
 
-def model_entries(gw: Gateway) -> list[dict[str, Any]]:
-    state, catalogue = gw.state, gw.catalogue
-    ids = catalogue.ids() + sorted(state.served_ids() - set(catalogue.ids()))
-    entries: dict[str, dict[str, Any]] = {}
-    for model_id in ids:
-        replicas = [r for r in state.replicas(model_id) if r.status not in _HIDDEN]
-        spec = catalogue.get(model_id)
-        if replicas or (spec is not None and feasible_anywhere(spec, state)):
-            entries[model_id] = _entry(gw, model_id, replicas)
-    aliases = [
-        {**entries[target], "id": alias, "alias_of": target}
-        for alias, target in catalogue.aliases.items()
-        if target in entries
-    ]
-    return [*entries.values(), *aliases]
-
-
-def _entry(gw: Gateway, model_id: str, replicas: list[Replica]) -> dict[str, Any]:
-    spec = gw.catalogue.get(model_id)
-    contexts = [r.context for r in replicas if r.context]
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": int(gw.started_at),
-        "owned_by": "cortex",
-        "status": _overall_status(replicas),
-        "loaded_on": [r.node for r in replicas if r.status == ModelStatus.LOADED],
-        "replicas": [
-            {"node": r.node, "status": r.status, "devices": r.devices, "load_progress": r.load_progress}
-            for r in replicas
-        ],
-        "context_length": max(contexts) if contexts else None,
-        "in_catalogue": spec is not None,
-        "pinned_on": spec.pinned_on if spec is not None else [],
-        "alias_of": None,
-    }
-
-
 def _overall_status(replicas: list[Replica]) -> str:
     statuses = {r.status for r in replicas}
     if ModelStatus.LOADED in statuses:
@@ -116,16 +123,3 @@ def _overall_status(replicas: list[Replica]) -> str:
     if ModelStatus.LOADING in statuses:
         return "loading"
     return "available"
-
-
-async def health(request: web.Request) -> web.Response:
-    """Always 200 while the gateway runs; `status` says whether any neuron can serve."""
-    gw = request.app[GATEWAY]
-    neurons = {
-        node.name: {"healthy": node.healthy, "error": node.last_error, "models": len(node.replicas)}
-        for node in gw.state.nodes.values()
-    }
-    healthy = sum(1 for n in neurons.values() if n["healthy"])
-    return wire.json_response(
-        {"status": "ok" if healthy else "degraded", "healthy_neurons": healthy, "neurons": neurons}
-    )

@@ -1,15 +1,12 @@
 """Prometheus metrics (labels `model`, `node`), served as text on `metrics_listen` at `/metrics`.
 
-Per-request numbers are gathered in a `RequestRecord` with plain attribute writes while the
-request runs, and turned into counter/histogram updates once, when it ends: nothing touches
-prometheus-client per streamed event. Gauges are set from each poll.
+Per-request numbers are gathered by accounting.py while a request runs and published here once,
+when it ends: nothing touches prometheus-client per streamed event. Gauges are set from each poll.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,7 +23,7 @@ _COLD_START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class _Series:
+class Series:
     """The labelled children for one (model, node), resolved once and cached."""
 
     __slots__ = ("completion_tokens", "duration", "itl", "prompt_tokens", "requests", "tps", "ttft")
@@ -79,15 +76,15 @@ class Metrics:
         self.utilization = Gauge("cortex_device_utilization_pct", "Device utilisation (polled)", dn, registry=r)
         self.temperature = Gauge("cortex_device_temperature_c", "Device temperature (polled)", dn, registry=r)
         self.node_healthy = Gauge("cortex_node_healthy", "1 when the node answers its polls", ["node"], registry=r)
-        self._series: dict[tuple[str, str], _Series] = {}
+        self._series: dict[tuple[str, str], Series] = {}
         self._gauge_models: dict[str, set[str]] = {}
         self._gauge_devices: dict[str, set[str]] = {}
 
-    def series(self, model: str, node: str) -> _Series:
+    def series(self, model: str, node: str) -> Series:
         key = (model, node)
         found = self._series.get(key)
         if found is None:
-            found = self._series[key] = _Series(self, model, node)
+            found = self._series[key] = Series(self, model, node)
         return found
 
     def render(self) -> bytes:
@@ -131,84 +128,3 @@ class Metrics:
 def _remove(gauge: Gauge, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # never set for this label set
         gauge.remove(*labels)
-
-
-class RequestRecord:
-    """One request's measurements, gathered cheaply while it runs and published once at the end."""
-
-    __slots__ = (
-        "completion_tokens",
-        "ended",
-        "error",
-        "first_token",
-        "gaps",
-        "last_token",
-        "metrics",
-        "model",
-        "node",
-        "prompt_tokens",
-        "started",
-    )
-
-    def __init__(self, metrics: Metrics, started: float | None = None) -> None:
-        self.metrics = metrics
-        self.started = time.perf_counter() if started is None else started
-        self.model = UNKNOWN_MODEL
-        self.node = ""
-        self.first_token: float | None = None
-        self.last_token = 0.0
-        self.gaps: list[float] = []
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.error: str | None = None
-        self.ended = 0.0
-
-    def token(self, now: float) -> None:
-        """A streamed event that carried generated text (called per event: attribute writes only)."""
-        if self.first_token is None:
-            self.first_token = now
-        else:
-            self.gaps.append(now - self.last_token)
-        self.last_token = now
-
-    def usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-    def fail(self, error_type: str) -> None:
-        if self.error is None:
-            self.error = error_type
-
-    def end(self) -> None:
-        """The request is over: stop its clock (publishing may happen a moment later)."""
-        self.ended = time.perf_counter()
-
-    def publish(self) -> float:
-        """Turn the measurements into metric updates; returns the request's duration in seconds."""
-        ended = self.ended or time.perf_counter()
-        duration = ended - self.started
-        m = self.metrics
-        s = m.series(self.model, self.node)
-        s.requests.inc()
-        s.duration.observe(duration)
-        if self.error is not None:
-            m.errors.labels(self.model, self.node, self.error).inc()
-        if self.prompt_tokens:
-            s.prompt_tokens.inc(self.prompt_tokens)
-        if self.completion_tokens:
-            s.completion_tokens.inc(self.completion_tokens)
-        self._publish_timing(s, ended)
-        return duration
-
-    def _publish_timing(self, s: _Series, ended: float) -> None:
-        if self.first_token is not None:
-            s.ttft.observe(self.first_token - self.started)
-            for gap in self.gaps:
-                s.itl.observe(gap)
-            decode_time = self.last_token - self.first_token
-            # The first token's cost is prefill: rate = tokens after it over the time after it.
-            if self.completion_tokens > 1 and decode_time > 0:
-                s.tps.observe((self.completion_tokens - 1) / decode_time)
-        elif self.completion_tokens and self.error is None:
-            s.tps.observe(self.completion_tokens / max(ended - self.started, 1e-6))

@@ -11,19 +11,16 @@ evictor, which refuses replicas with requests in flight, can never race a reques
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from cortex.core.catalogue import Catalogue
 from cortex.core.errors import ApiError, model_not_found
 from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
+from cortex.gateway.keepalive import OnIdle, with_keepalive
 from cortex.gateway.loader import Loader, LoadJob
 from cortex.gateway.state import FleetState, Node, Replica
 
-KeepAlive = Callable[[], Awaitable[None]]
-T = TypeVar("T")
+KeepAlive = OnIdle
 
 # After a load finishes, the model can be gone again before we route (evicted, crashed): retry this often.
 _ROUTE_ATTEMPTS = 3
@@ -99,7 +96,11 @@ class Router:
             return lease
         for _ in range(_ROUTE_ATTEMPTS):
             job = self._load_job(model_id, exclude)
-            await self.wait(job.wait(), keepalive)
+            if keepalive is None:
+                await job.wait()
+            else:
+                # The load goes on when this wait ends early (job.wait is shielded): the next request uses it.
+                await with_keepalive(job.wait(), self.keepalive_interval_s, keepalive, at_start=True)
             lease = self.pick(model_id, exclude)
             if lease is not None:
                 return lease
@@ -142,19 +143,3 @@ class Router:
                 retry_after=self.retry_after_s,
             )
         raise model_not_found(model_id)
-
-    async def wait(self, awaitable: Awaitable[T], keepalive: KeepAlive | None) -> T:
-        """Await, calling `keepalive` at once and then every interval until done."""
-        if keepalive is None:
-            return await awaitable
-        task = asyncio.ensure_future(awaitable)
-        try:
-            await keepalive()
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.keepalive_interval_s)
-                if done:
-                    return task.result()
-                await keepalive()
-        finally:
-            if not task.done():
-                task.cancel()  # only our shielded wait: the load itself goes on for whoever comes next

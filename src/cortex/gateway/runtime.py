@@ -1,28 +1,30 @@
-"""The running gateway: builds the shared parts once and owns their lifecycle.
+"""The running gateway: builds every long-lived part once, from the configuration, and owns their lifecycle.
 
-One `Gateway` per process, stored on the aiohttp application under `GATEWAY`; route modules
-reach every shared part through it (`request.app[GATEWAY].router`, `.upstream`, …).
+This is where the parts meet; nothing else holds them all. Each part is built with exactly the
+collaborators and the configuration section it uses (app.py hands the route modules theirs), so
+each reads its own settings flat (`config.listen`, `load.timeout_s`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 
 import aiohttp
-from aiohttp import web
 
 from cortex.core.catalogue import CatalogueModel
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import FleetConfig
 from cortex.core.logs import log_event
+from cortex.gateway.accounting import Accounting
 from cortex.gateway.evictor import EvictionPolicy, Evictor
 from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import Metrics
+from cortex.gateway.pipeline import Auth
 from cortex.gateway.placement import Placer
 from cortex.gateway.poller import Poller
+from cortex.gateway.relay import Relay
 from cortex.gateway.router import Router
 from cortex.gateway.state import FleetState, Node
 from cortex.gateway.upstream import Upstream
@@ -60,38 +62,33 @@ class Gateway:
     """Configuration plus every long-lived part; `start()` inside the event loop, `stop()` at exit."""
 
     def __init__(self, fleet: FleetConfig) -> None:
-        self.fleet = fleet
-        self.config = fleet.gateway
+        self.source = fleet.source
+        settings = fleet.gateway
+        self.config = settings.gateway  # the [gateway] section: listen, keys, limits, timeouts
+        self.poll, self.eviction, self.load = settings.poll, settings.eviction, settings.load
         self.catalogue = fleet.catalogue
         self.started_at = time.time()
-        self.state = FleetState(self.config.neurons)
+        self.state = FleetState(settings.neurons)
         self.metrics = Metrics()
-        self.policy = EvictionPolicy(self.config.eviction.strategy, self.config.eviction.min_residency_s)
-        self._api_keys = [k.encode() for k in self.config.gateway.api_keys]
+        self.accounting = Accounting(self.metrics)
+        self.auth = Auth(self.config.api_keys, self.config.admin_key)
+        self.policy = EvictionPolicy(self.eviction.strategy, self.eviction.min_residency_s)
         self._background: set[asyncio.Task[object]] = set()
         self._pinned_retry_at: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
         cfg = self.config
-        self.session = new_session(cfg.gateway.connect_timeout_s)
-        self.poller = Poller(self.state, self.session, cfg.poll, self.metrics)
-        self.evictor = Evictor(self.state, self.session, self.metrics, cfg.eviction.defrag_after_cycles)
+        self.session = new_session(cfg.connect_timeout_s)
+        self.poller = Poller(self.state, self.session, self.poll, self.metrics)
+        self.evictor = Evictor(self.state, self.session, self.metrics, self.eviction.defrag_after_cycles)
         self.placer = Placer(self.state, self.catalogue, self.policy)
         self.loader = Loader(
-            self.state,
-            self.session,
-            self.placer,
-            self.evictor,
-            self.poller,
-            self.metrics,
-            cfg.load,
-            cfg.gateway.retry_after_s,
+            self.state, self.session, self.placer, self.evictor, self.poller, self.metrics, self.load, cfg.retry_after_s
         )
-        self.router = Router(
-            self.state, self.catalogue, self.loader, cfg.gateway.retry_after_s, cfg.gateway.keepalive_interval_s
-        )
-        self.upstream = Upstream(self)
-        if cfg.load.preload_pinned:
+        self.router = Router(self.state, self.catalogue, self.loader, cfg.retry_after_s, cfg.keepalive_interval_s)
+        upstream = Upstream(self.router, self.session, self.poller.probe, self.state.nodes, cfg.connect_timeout_s)
+        self.relay = Relay(self.router, upstream, self.accounting, cfg.keepalive_interval_s)
+        if self.load.preload_pinned:
             self.poller.after_poll = self._load_pinned
         await self.poller.start()
         healthy = [n.name for n in self.state.healthy_nodes()]
@@ -106,26 +103,6 @@ class Gateway:
             if job.task is not None:
                 job.task.cancel()
         await self.session.close()
-
-    # ---- client authentication ----------------------------------------------------------------
-    def check_client_key(self, request: web.BaseRequest) -> None:
-        """401 unless the request carries one of `gateway.api_keys` (no-op when none is configured).
-
-        Accepts `Authorization: Bearer KEY` (OpenAI SDKs) and `x-api-key: KEY` (Anthropic SDKs).
-        """
-        if not self._api_keys:
-            return
-        presented = _bearer(request) or request.headers.get("x-api-key", "")
-        if not any(hmac.compare_digest(presented.encode(), key) for key in self._api_keys):
-            raise ApiError(401, "a valid API key is required", type="authentication_error", code="invalid_api_key")
-
-    def check_admin_key(self, request: web.BaseRequest) -> None:
-        key = self.config.gateway.admin_key
-        if key is None:
-            return
-        presented = _bearer(request) or request.headers.get("x-admin-key", "")
-        if not hmac.compare_digest(presented.encode(), key.encode()):
-            raise ApiError(401, "the admin key is required", type="authentication_error", code="invalid_admin_key")
 
     # ---- pinned models ---------------------------------------------------------------------------
     def _load_pinned(self, node: Node) -> None:
@@ -153,8 +130,3 @@ class Gateway:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def _bearer(request: web.BaseRequest) -> str:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from cortex.core.errors import ApiError, bad_request
-from cortex.core.logs import log_event, request_id_var
+from cortex.core.logs import REQUEST_ID_HEADER, log_event, request_id_from
 from cortex.core.neuron_api import (
     Defragmented,
     Discovery,
@@ -42,6 +41,7 @@ from cortex.neuron.versions import version_info
 log = logging.getLogger("cortex.neuron.app")
 
 M = TypeVar("M", bound=BaseModel)
+H = TypeVar("H", bound=Callable[..., Any])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATE = web.AppKey("state", "NeuronState")
@@ -77,11 +77,27 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     return parse_request(model, data)
 
 
+def lifecycle_call(handler: H) -> H:
+    """Mark a route that changes what the neuron holds: it needs the neuron's token, when one is set."""
+    handler.needs_token = True  # type: ignore[attr-defined]
+    return handler
+
+
+def check_token(request: web.Request, token: str | None) -> None:
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "Lifecycle calls need 'Authorization: Bearer <token>'", type="authentication_error")
+
+
 @web.middleware
-async def errors_and_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    request_id_var.set(request_id)
+async def request_pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route: the request id, the token of lifecycle calls, errors as OpenAI error bodies."""
+    request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
     try:
+        if getattr(handler, "needs_token", False):
+            check_token(request, request.app[STATE].config.token)
         response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:
@@ -95,17 +111,8 @@ async def errors_and_ids(request: web.Request, handler: Handler) -> web.StreamRe
         log.exception("unhandled error")
         response = error_response(ApiError(500, "Internal error in the neuron; see its log", type="server_error"))
     if not response.prepared:
-        response.headers["x-request-id"] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
     return response
-
-
-def require_token(request: web.Request) -> None:
-    token = request.app[STATE].config.token
-    if token is None:
-        return
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "Lifecycle calls need 'Authorization: Bearer <token>'", type="authentication_error")
 
 
 # --- info ------------------------------------------------------------------------------------
@@ -170,21 +177,21 @@ async def get_endpoint(request: web.Request) -> web.Response:
 # --- lifecycle -------------------------------------------------------------------------------
 
 
+@lifecycle_call
 async def post_load(request: web.Request) -> web.Response:
-    require_token(request)
     model = await parse_body(request, ModelConfig)
     slot = request.app[STATE].lifecycle.request_load(model)
     return json_response(slot.describe(), 200 if slot.status == ModelStatus.LOADED else 202)
 
 
+@lifecycle_call
 async def post_unload(request: web.Request) -> web.Response:
-    require_token(request)
     body = await parse_body(request, UnloadRequest)
     return json_response(await request.app[STATE].lifecycle.unload(body.model_id))
 
 
+@lifecycle_call
 async def post_defragment(request: web.Request) -> web.Response:
-    require_token(request)
     return json_response(Defragmented(devices=await request.app[STATE].lifecycle.defragment()))
 
 
@@ -226,7 +233,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 def build_app(state: NeuronState) -> web.Application:
-    app = web.Application(middlewares=[errors_and_ids], client_max_size=state.config.max_request_bytes)
+    app = web.Application(middlewares=[request_pipeline], client_max_size=state.config.max_request_bytes)
     app[STATE] = state
     app.router.add_get("/version", get_version)
     app.router.add_get("/discovery", get_discovery)

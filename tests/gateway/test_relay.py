@@ -1,4 +1,4 @@
-"""The internal API dialect routes build on (gateway/upstream.py), driven in-process over fake neurons."""
+"""The relay every route sends through (gateway/relay.py), driven in-process over fake neurons."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ import pytest
 from cortex.core.catalogue import Catalogue, CatalogueModel
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import GatewayConfig, fleet_config_from
+from cortex.core.logs import request_id_var
+from cortex.gateway.relay import chunks
 from cortex.gateway.runtime import Gateway
 from tests.gateway.conftest import StartFake, fake_log, metric_value
 from tests.support.gateway_procs import eventually
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+CHAT = "/v1/chat/completions"
+
+
+async def chat(gw: Gateway, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A non-streaming chat through the relay, as the dialect routes send it."""
+    reply = await gw.relay.fetch("/v1/messages", body["model"], CHAT, {**body, "stream": False}, **kwargs)
+    return reply.json()
 
 
 @pytest.fixture
@@ -40,7 +49,8 @@ async def gateway(start_fake: StartFake) -> AsyncIterator[tuple[Gateway, Any]]:
 
 async def test_chat_returns_the_parsed_reply_and_records_metrics(gateway) -> None:
     gw, neuron = gateway
-    reply = await gw.upstream.chat({"model": "alias", "messages": MESSAGES}, request_id="r-1", route="/v1/messages")
+    request_id_var.set("r-1")
+    reply = await chat(gw, {"model": "alias", "messages": MESSAGES})
     assert reply["choices"][0]["message"]["content"] == "hello from a"
     assert fake_log(neuron)["requests"][-1] == {
         "model": "m",
@@ -57,8 +67,8 @@ async def test_chat_returns_the_parsed_reply_and_records_metrics(gateway) -> Non
 
 async def test_stream_chat_yields_chunk_dicts_and_the_usage_chunk(gateway) -> None:
     gw, neuron = gateway
-    async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES}) as chunks:
-        received = [chunk async for chunk in chunks]
+    async with gw.relay.stream("/v1/messages", "m", CHAT, {"model": "m", "messages": MESSAGES}) as events:
+        received = [chunk async for chunk in chunks(events)]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in received if c["choices"]) == (
         "tok0 tok1 tok2 tok3 tok4 "
     )
@@ -74,26 +84,28 @@ async def test_keepalive_is_called_while_a_cold_load_runs(gateway) -> None:
     async def keepalive() -> None:
         pings.append(1)
 
-    async with gw.upstream.stream_chat({"model": "cold", "messages": MESSAGES}, keepalive=keepalive) as chunks:
-        assert [c async for c in chunks]
+    body = {"model": "cold", "messages": MESSAGES}
+    async with gw.relay.stream("/v1/messages", "cold", CHAT, body, keepalive=keepalive) as events:
+        assert [c async for c in chunks(events)]
     assert len(pings) >= 3  # once at the start, then every 0.1 s of a 0.6 s load
     pings.clear()
-    await gw.upstream.chat({"model": "cold", "messages": MESSAGES}, keepalive=keepalive)
+    await chat(gw, body, keepalive=keepalive)
     assert pings == []  # loaded now: no wait, no keep-alive
 
 
 async def test_failures_are_api_errors_with_the_right_status(gateway) -> None:
     gw, _ = gateway
     with pytest.raises(ApiError) as err:
-        await gw.upstream.chat({"model": "nope", "messages": MESSAGES})
+        await chat(gw, {"model": "nope", "messages": MESSAGES})
     assert (err.value.status, err.value.code) == (404, "model_not_found")
     with pytest.raises(ApiError) as err:
-        await gw.upstream.chat({"model": "m", "messages": MESSAGES, "fake": {"status": 429}})
+        await chat(gw, {"model": "m", "messages": MESSAGES, "fake": {"status": 429}})
     assert (err.value.status, err.value.code, err.value.retry_after) == (429, "scripted", 3.0)
     assert err.value.anthropic_body()["error"]["type"] == "rate_limit_error"
     with pytest.raises(ApiError) as err:
-        async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES, "fake": {"die_after": 2}}) as chunks:
-            async for _ in chunks:
+        body = {"model": "m", "messages": MESSAGES, "fake": {"die_after": 2}}
+        async with gw.relay.stream("/v1/messages", "m", CHAT, body) as events:
+            async for _ in chunks(events):
                 pass
     assert (err.value.status, err.value.code) == (502, "stream_interrupted")
     await asyncio.sleep(0.01)  # metrics are published just after the request ends
@@ -103,14 +115,18 @@ async def test_failures_are_api_errors_with_the_right_status(gateway) -> None:
 
 async def test_leaving_a_stream_early_cancels_the_generation(gateway) -> None:
     gw, neuron = gateway
-    async with gw.upstream.stream_chat({"model": "m", "messages": MESSAGES, "fake": {"hang_after": 1}}) as chunks:
-        async for _ in chunks:
+    body = {"model": "m", "messages": MESSAGES, "fake": {"hang_after": 1}}
+    async with gw.relay.stream("/v1/messages", "m", CHAT, body) as events:
+        async for _ in events:
             break
     await eventually(lambda: fake_log(neuron)["cancelled"] == 1)
     assert gw.state.replica("m", "a").in_flight == 0  # the lease was released
 
 
-async def test_post_reaches_any_neuron_route_for_the_routed_model(gateway) -> None:
+async def test_fetch_reaches_any_neuron_route_for_the_routed_model(gateway) -> None:
     gw, _ = gateway
-    counted = await gw.upstream.post("alias", "/v1/chat/tokenize", {"messages": MESSAGES * 2})
-    assert counted == {"model": "m", "prompt_tokens": 14}
+    reply = await gw.relay.fetch("/v1/messages/count_tokens", "alias", "/v1/chat/tokenize", {"messages": MESSAGES * 2})
+    assert reply.json() == {"model": "m", "prompt_tokens": 14}
+    await asyncio.sleep(0.01)  # token counts are accounted like every other request
+    text = gw.metrics.render().decode()
+    assert metric_value(text, "cortex_requests_total", model="m", node="a") == 1

@@ -1,0 +1,47 @@
+"""The event stream the gateway answers a client with: started when there is something to say.
+
+A stream's headers (`SSE_HEADERS`, the request id) go out on its first write: the first event, or
+the first keep-alive while a cold load runs. `idle()` writes the stream's keep-alive frame (an SSE
+comment, or a dialect's own ping event) and starts the stream first if needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+
+from cortex.core.logs import REQUEST_ID_HEADER, request_id_var
+from cortex.core.sse import KEEPALIVE, SSE_HEADERS
+
+
+class ClientStream:
+    def __init__(
+        self, request: web.Request, *, opening: Callable[[], bytes] | None = None, idle_frame: bytes = KEEPALIVE
+    ) -> None:
+        self.request = request
+        self.response = web.StreamResponse(headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_var.get()})
+        self.opening = opening  # the dialect's first events, written once right after the headers
+        self.idle_frame = idle_frame
+        self.last_write = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def start(self) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+            if self.opening is not None:
+                await self.write(self.opening())
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self.response.write(data)
+            self.last_write = asyncio.get_running_loop().time()
+
+    async def idle(self) -> None:
+        """Keep the client's connection alive (starting the stream first if needed)."""
+        await self.start()
+        await self.write(self.idle_frame)

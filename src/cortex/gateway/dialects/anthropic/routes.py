@@ -1,0 +1,62 @@
+"""`POST /v1/messages` and `POST /v1/messages/count_tokens` (Claude Code's `?beta=true` lands here too).
+
+Each parses Anthropic's request, translates it to an OpenAI chat body, sends it through the relay
+and translates the answer back. Failures are answered in Anthropic's envelope (the pipeline), or
+as an `error` event once a stream has started (translated_stream.py).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cortex.core.anthropic import parse_count_tokens_request, parse_messages_request
+from cortex.core.errors import ApiError
+from cortex.core.translate_anthropic import AnthropicStream, error_event, ping_event, to_anthropic_message
+from cortex.core.translate_anthropic import to_chat_request as chat_body
+from cortex.gateway.bodies import json_response, read_json
+from cortex.gateway.dialects.translated_stream import CHAT_PATH, TranslatedStream
+from cortex.gateway.pipeline import Dialect, endpoint
+from cortex.gateway.relay import Relay
+
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+TOKENIZE_PATH = "/v1/chat/tokenize"
+
+
+def setup(app: web.Application, relay: Relay) -> None:
+    routes = AnthropicRoutes(relay)
+    app.router.add_post(MESSAGES, routes.messages)
+    app.router.add_post(COUNT_TOKENS, routes.count_tokens)
+
+
+class AnthropicRoutes:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    @endpoint(dialect=Dialect.ANTHROPIC)
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        payload, _ = await read_json(request)
+        req = parse_messages_request(payload)
+        body = chat_body(req)
+        if req.stream:
+            stream = AnthropicStream(req.model, thinking=req.wants_thinking())
+            translated = TranslatedStream(
+                request,
+                self.relay,
+                opening=stream.start,
+                idle_events=[ping_event()],
+                fail=lambda err: [error_event(err)],
+            )
+            return await translated.run(MESSAGES, req.model, body, stream.feed, stream.finish)
+        reply = await self.relay.fetch(MESSAGES, req.model, CHAT_PATH, {**body, "stream": False})
+        return json_response(to_anthropic_message(reply.json(), model=req.model, thinking=req.wants_thinking()))
+
+    @endpoint(dialect=Dialect.ANTHROPIC)
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Counted by the neuron with the model's own tokenizer and chat template (tools included)."""
+        payload, _ = await read_json(request)
+        req = parse_count_tokens_request(payload)
+        counted = (await self.relay.fetch(COUNT_TOKENS, req.model, TOKENIZE_PATH, chat_body(req))).json()
+        if not isinstance(counted, dict) or not isinstance(counted.get("prompt_tokens"), int):
+            raise ApiError(502, "the model's server did not return a token count", code="bad_upstream_reply")
+        return json_response({"input_tokens": counted["prompt_tokens"]})

@@ -1,0 +1,1 @@
+"""OpenAI chat and text completions: the neuron's own dialect, passed through."""

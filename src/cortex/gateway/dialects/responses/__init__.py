@@ -1,0 +1,1 @@
+"""OpenAI Responses (stateless): `/v1/responses`, translated to and from OpenAI chat."""

@@ -1,0 +1,41 @@
+"""`POST /v1/responses`: OpenAI's Responses API, stateless, translated to and from OpenAI chat.
+
+Failures are answered in OpenAI's envelope (the pipeline), or as `error` and `response.failed`
+events once a stream has started (translated_stream.py).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cortex.core.responses import parse_responses_request
+from cortex.core.translate_responses import ResponsesStream, to_response
+from cortex.core.translate_responses import to_chat_request as chat_body
+from cortex.gateway.bodies import json_response, read_json
+from cortex.gateway.dialects.translated_stream import CHAT_PATH, TranslatedStream
+from cortex.gateway.pipeline import Dialect, endpoint
+from cortex.gateway.relay import Relay
+
+RESPONSES = "/v1/responses"
+
+
+def setup(app: web.Application, relay: Relay) -> None:
+    routes = ResponsesRoutes(relay)
+    app.router.add_post(RESPONSES, routes.responses)
+
+
+class ResponsesRoutes:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    @endpoint(dialect=Dialect.OPENAI)
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        payload, _ = await read_json(request)
+        req = parse_responses_request(payload)
+        body = chat_body(req)
+        if req.stream:
+            stream = ResponsesStream(req)
+            translated = TranslatedStream(request, self.relay, opening=stream.start, idle_events=[], fail=stream.fail)
+            return await translated.run(RESPONSES, req.model, body, stream.feed, stream.finish)
+        reply = await self.relay.fetch(RESPONSES, req.model, CHAT_PATH, {**body, "stream": False})
+        return json_response(to_response(reply.json(), req))

@@ -35,7 +35,9 @@ def error_of(path: Path, environ: dict[str, str] | None = None) -> str:
     return str(err.value)
 
 
-def test_examples_load() -> None:
+def test_examples_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_API_KEY", "sk-example")  # the credentials the example reads from the environment
+    monkeypatch.setenv("FLEET_TOKEN", "fleet-example")
     fleet = load_fleet_config(EXAMPLES / "cortex.toml", {})
     assert fleet.gateway.neurons
     assert fleet.catalogue.models

@@ -16,7 +16,7 @@ from cortex.neuron.default_model import DEFAULT_MODEL_ID
 def test_no_file_loads_the_default_model() -> None:
     config = load_settings(NeuronConfig, None, "NEURON_", environ={})
     assert [m.model_id for m in config.models_to_load()] == [DEFAULT_MODEL_ID]
-    assert config.listen == "0.0.0.0:13131"
+    assert config.listen == "127.0.0.1:13131"
 
 
 def test_empty_default_models_loads_nothing(tmp_path: Path) -> None:

@@ -38,16 +38,17 @@ def _main(
 @app.command()
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="neuron.toml")] = None,
-    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 0.0.0.0:13131)")] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:13131)")] = None,
 ) -> None:
     """Start the neuron daemon."""
-    from cortex.neuron.config import load_neuron_config, parse_listen
+    from cortex.neuron.config import check_exposure, load_neuron_config, parse_listen
 
     try:
         cfg = load_neuron_config(config)
         if listen is not None:
             parse_listen(listen)
             cfg = cfg.model_copy(update={"listen": listen})
+        check_exposure(cfg)
     except (ConfigError, ValueError) as exc:
         typer.echo(f"neuron: configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None

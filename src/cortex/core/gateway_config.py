@@ -3,8 +3,11 @@
 ```toml
 models_config = "models.toml"      # relative to this file
 [gateway]
-listen = "0.0.0.0:31313"
-metrics_listen = "0.0.0.0:31314"
+listen = "127.0.0.1:31313"         # the default; another address needs api_keys (or allow_anonymous)
+metrics_listen = "127.0.0.1:31314"
+api_keys = ["sha256:<hex>", "env:GATEWAY_API_KEY"]   # docs/reliability.md: how keys are given
+admin_key = "file:/run/secrets/cortex-admin"
+neuron_token = "env:FLEET_TOKEN"   # sent to every neuron without a token of its own
 [eviction]
 strategy = "lru"                   # lru | priority
 defrag_after_cycles = 50
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cortex.core.catalogue import Catalogue, check_catalogue, load_catalogue
+from cortex.core.secrets import KeySet, is_loopback, read_key_file, resolve_secret
 from cortex.core.settings import ConfigError, load_settings
 
 DEFAULT_PORT = 31313
@@ -49,12 +53,26 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _sendable_secret(value: str | None) -> str | None:
+    """A credential the gateway sends (a neuron token): `env:`/`file:` resolved; a digest cannot be sent."""
+    if value is None:
+        return None
+    if value.startswith("sha256:"):
+        raise ValueError("the gateway sends this token, so it needs the token itself (or env:/file:), not a hash")
+    return resolve_secret(value)
+
+
 class GatewaySection(_Strict):
-    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
-    metrics_listen: str | None = f"0.0.0.0:{DEFAULT_METRICS_PORT}"  # None: no metrics listener
+    # Loopback by default: serving the network is a decision (api_keys, or allow_anonymous).
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    metrics_listen: str | None = f"127.0.0.1:{DEFAULT_METRICS_PORT}"  # None: no metrics listener
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # larger request bodies get 413
-    admin_key: str | None = None  # when set, /admin/* needs `Authorization: Bearer <admin_key>`
+    # Credentials: the value, `sha256:<hex>` of it (checked keys only), `env:NAME` or `file:PATH` (core/secrets.py).
+    admin_key: str | None = None  # /admin/* needs `Authorization: Bearer <admin_key>`; never a client key
     api_keys: list[str] = Field(default_factory=list)  # when set, client routes need one of these
+    api_keys_file: Path | None = None  # more client keys, one per line (plain or sha256:), '#' comments
+    allow_anonymous: bool = False  # serve clients without keys on a non-loopback listen (logged loudly)
+    neuron_token: str | None = None  # bearer token sent to every neuron that has no `token` of its own
     keepalive_interval_s: float = Field(default=5.0, gt=0)  # SSE comments to streams waiting on a cold load
     connect_timeout_s: float = Field(default=5.0, gt=0)
     retry_after_s: float = Field(default=10.0, gt=0)  # Retry-After for recovering models and a full fleet
@@ -66,6 +84,33 @@ class GatewaySection(_Strict):
         if v is not None:
             parse_listen(v)
         return v
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key(cls, v: str | None) -> str | None:
+        return resolve_secret(v) if v is not None else None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: list[str]) -> list[str]:
+        return [resolve_secret(key) for key in v]
+
+    @field_validator("neuron_token")
+    @classmethod
+    def _neuron_token(cls, v: str | None) -> str | None:
+        return _sendable_secret(v)
+
+    @model_validator(mode="after")
+    def _keys(self) -> GatewaySection:
+        if self.api_keys_file is not None:
+            self.api_keys = [*self.api_keys, *read_key_file(self.api_keys_file)]
+            self.api_keys_file = None  # read once: the keys are in api_keys now
+        if self.admin_key is not None and KeySet([self.admin_key]).overlaps(KeySet(self.api_keys)):
+            raise ValueError("admin_key must differ from every client key in api_keys")
+        return self
+
+    def client_keys(self) -> KeySet:
+        return KeySet(self.api_keys)
 
 
 class PollSection(_Strict):
@@ -91,7 +136,12 @@ class LoadSection(_Strict):
 class NeuronEntry(_Strict):
     name: str
     endpoint: str
-    token: str | None = None  # the neuron's lifecycle token, sent as a bearer token
+    token: str | None = None  # the neuron's token, sent as a bearer token on every call (else gateway.neuron_token)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return _sendable_secret(v)
 
     @field_validator("name")
     @classmethod
@@ -115,6 +165,14 @@ class GatewayConfig(_Strict):
     eviction: EvictionSection = Field(default_factory=EvictionSection)
     load: LoadSection = Field(default_factory=LoadSection)
     neurons: list[NeuronEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _default_neuron_token(self) -> GatewayConfig:
+        if self.gateway.neuron_token is not None:
+            for neuron in self.neurons:
+                if neuron.token is None:
+                    neuron.token = self.gateway.neuron_token
+        return self
 
 
 @dataclass(frozen=True)
@@ -141,11 +199,34 @@ def check_neurons(config: GatewayConfig, source: str) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def check_exposure(config: GatewayConfig, source: str) -> None:
+    """Refuse to serve the network with no client keys unless `allow_anonymous` says so on purpose."""
+    section = config.gateway
+    host, _ = parse_listen(section.listen)
+    if is_loopback(host) or section.api_keys or section.allow_anonymous:
+        return
+    raise ConfigError(
+        f"{source}: key 'gateway.listen': refusing to serve {section.listen} (reachable from the network) "
+        "without client keys: set gateway.api_keys (or api_keys_file), or gateway.allow_anonymous = true to "
+        "serve anyone, or listen on 127.0.0.1"
+    )
+
+
+def exposure_warnings(config: GatewayConfig) -> list[str]:
+    """What the gateway should log loudly at start: the network served without keys, metrics unprotected."""
+    section = config.gateway
+    warnings = []
+    if not is_loopback(parse_listen(section.listen)[0]) and not section.api_keys:
+        warnings.append(f"gateway.allow_anonymous: serving {section.listen} to anyone, without client keys")
+    return warnings
+
+
 def load_fleet_config(path: Path | None, environ: Mapping[str, str] | None = None) -> FleetConfig:
     """Read and validate cortex.toml (with CORTEX_* overrides) and the models.toml it names."""
     config = load_settings(GatewayConfig, path, "CORTEX_", environ)
     source = str(path) if path is not None else "(defaults)"
     check_neurons(config, source)
+    check_exposure(config, source)
     names = {n.name for n in config.neurons}
     if config.models_config is None:
         return FleetConfig(config, Catalogue(), source)
@@ -160,5 +241,6 @@ def load_fleet_config(path: Path | None, environ: Mapping[str, str] | None = Non
 def fleet_config_from(config: GatewayConfig, catalogue: Catalogue) -> FleetConfig:
     """A FleetConfig built in code (e.g. by `cortex up`), checked like one read from files."""
     check_neurons(config, "(built-in)")
+    check_exposure(config, "(built-in)")
     check_catalogue(catalogue, "(built-in catalogue)", {n.name for n in config.neurons})
     return FleetConfig(config, catalogue, "(built-in)")

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cortex.core.secrets import is_loopback, resolve_secret
 from cortex.core.settings import load_settings
 from cortex.neuron.default_model import DEFAULT_MODEL_ID
 
@@ -82,7 +83,8 @@ class EngineConfig(_Strict):
 
 
 class NeuronConfig(_Strict):
-    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    # Loopback by default: another address needs a `token` (check_exposure), so nobody gets in uninvited.
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     # None (key absent): load the embedded default model. [] loads nothing.
     default_models: list[ModelConfig] | None = None
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
@@ -92,10 +94,17 @@ class NeuronConfig(_Strict):
     # Local sources must resolve under one of these roots (besides installed model packages).
     model_roots: list[Path] = Field(default_factory=list)
     allow_pickle: bool = False  # allow .bin/.pt checkpoints (runs pickle: only for trusted files)
-    token: str | None = None  # when set, lifecycle calls need `Authorization: Bearer <token>`
+    # Every route but /health and /version needs `Authorization: Bearer <token>` when set: the value, its
+    # `sha256:<hex>`, `env:NAME` or `file:PATH` (core/secrets.py). Required to listen beyond loopback.
+    token: str | None = None
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     fault_injection: bool = False  # enables POST /admin/fault (tests only)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return resolve_secret(v) if v is not None else None
 
     @field_validator("listen")
     @classmethod
@@ -107,6 +116,17 @@ class NeuronConfig(_Strict):
         if self.default_models is None:
             return [ModelConfig(model_id=DEFAULT_MODEL_ID)]
         return self.default_models
+
+
+def check_exposure(config: NeuronConfig) -> None:
+    """Refuse to listen beyond loopback without a token: loading, unloading and inference would be open to all."""
+    host, _ = parse_listen(config.listen)
+    if config.token is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {config.listen} (reachable from the network) without a token: set token in "
+            "neuron.toml (or NEURON_TOKEN, e.g. env:NAME or file:PATH) and give it to the gateway, or listen on "
+            "127.0.0.1"
+        )
 
 
 def parse_listen(value: str) -> tuple[str, int]:

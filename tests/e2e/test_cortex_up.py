@@ -96,6 +96,17 @@ def test_both_sdks_list_and_retrieve_models(fleet: tuple[str, subprocess.Popen[b
     assert missing.value.body["error"]["type"] == "not_found_error"
 
 
+def test_models_advertise_context_and_tools(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:
+    """Where clients look for them: `context_length`/`max_model_len`, `supported_parameters`, `tool_call`."""
+    with urllib.request.urlopen(f"{fleet[0]}/v1/models", timeout=5) as resp:
+        entries = {m["id"]: m for m in json.loads(resp.read())["data"]}
+    for name in (DEFAULT_MODEL_ID, "smollm2"):
+        entry = entries[name]
+        assert entry["context_length"] == entry["max_model_len"] == 8192
+        assert isinstance(entry["tool_call"], bool)
+        assert ("tools" in entry["supported_parameters"]) is entry["tool_call"]
+
+
 def test_unknown_anthropic_route_answers_in_anthropic_envelope(
     fleet: tuple[str, subprocess.Popen[bytes], Path, int],
 ) -> None:

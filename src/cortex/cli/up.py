@@ -203,6 +203,7 @@ def start_neuron(
     proc = subprocess.Popen(
         args,
         start_new_session=True,
+        preexec_fn=_stop_with_parent,
         env={**os.environ, **neuron.env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -210,6 +211,15 @@ def start_neuron(
     )
     assert proc.stdout is not None
     return proc, LogRelay(proc.stdout, prefix, show_all)
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: if `cortex up` dies without stopping it (SIGKILL), the kernel sends SIGTERM."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_for_neurons(procs: list[tuple[LocalNeuron, subprocess.Popen[bytes]]], timeout: float = 300.0) -> None:

@@ -22,6 +22,8 @@ from cortex.gateway.placement import feasible_anywhere
 from cortex.gateway.state import FleetState, Replica
 
 _HIDDEN = frozenset({ModelStatus.FAILED, ModelStatus.UNLOADING})
+_SUPPORTED = ["max_tokens", "temperature", "top_p", "stop", "seed", "response_format"]
+_TOOLS = ["tools", "tool_choice"]
 
 
 def setup(app: web.Application, state: FleetState, catalogue: Catalogue, started_at: float) -> Listing:
@@ -97,6 +99,10 @@ class Listing:
                 for r in replicas
             ],
             "context_length": max(contexts) if contexts else None,
+            # Where clients look: vLLM's `max_model_len`, OpenRouter's `supported_parameters` (docs/clients.md).
+            "max_model_len": max(contexts) if contexts else None,
+            "tool_call": any(r.tool_call for r in replicas),
+            "supported_parameters": _SUPPORTED + (_TOOLS if any(r.tool_call for r in replicas) else []),
             "in_catalogue": spec is not None,
             "pinned_on": spec.pinned_on if spec is not None else [],
             "alias_of": None,

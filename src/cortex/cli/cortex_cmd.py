@@ -236,6 +236,16 @@ def pin(
     console.print(f"{verb} [bold]{answer['model']}[/bold] on {answer['node']} (until the gateway restarts)")
 
 
+# ---- bench -----------------------------------------------------------------------------------------
+def _bench_command() -> None:
+    from cortex.cli.bench import bench
+
+    app.command(name="bench")(bench)
+
+
+_bench_command()
+
+
 # ---- up --------------------------------------------------------------------------------------------
 @app.command()
 def up(

@@ -104,7 +104,8 @@ class CudaGraphBackend:
             step()  # lazy initialisation (cuBLAS workspaces, kernels' first-call set-up) must not be captured
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: other device workers keep running their own CUDA work while this one captures.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = step()
         if self.pool is None:
             self.pool = graph.pool()

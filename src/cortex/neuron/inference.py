@@ -22,7 +22,9 @@ from aiohttp import web
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event, request_id_var
 from cortex.core.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, usage_dict
-from cortex.neuron.engine import LoadedModel
+from cortex.neuron.engine import LoadedModel, grammar
+from cortex.neuron.engine.logprobs import TokenLogprob, completions_logprobs
+from cortex.neuron.engine.tools import tool_grammar
 from cortex.neuron.engine.types import (
     DeviceFault,
     EngineError,
@@ -34,7 +36,7 @@ from cortex.neuron.engine.types import (
     ToolCall,
 )
 from cortex.neuron.lifecycle import Lifecycle, ModelSlot
-from cortex.neuron.output import OutputEvent, split_output
+from cortex.neuron.output import Logprobs, OutputEvent, split_output
 
 log = logging.getLogger("cortex.neuron.inference")
 
@@ -81,7 +83,9 @@ class Inference:
         _refuse_unsupported(req)
         use_tools = bool(req.tools) and req.tool_choice != "none"
         prompt = await self._render_chat(model, req, with_tools=use_tools)
-        return self._job("chat", req, slot, model, prompt, req.requested_max_tokens(), parse_tools=use_tools)
+        job = self._job("chat", req, slot, model, prompt, req.requested_max_tokens(), parse_tools=use_tools)
+        job.generation.constraint = chat_constraint(req, model, use_tools)
+        return job
 
     async def text_job(self, req: CompletionRequest) -> Job:
         slot, model = self.lifecycle.ready(req.model)
@@ -165,10 +169,13 @@ class Inference:
         content: list[str] = []
         reasoning: list[str] = []
         calls: list[dict[str, Any]] = []
+        logprobs: list[TokenLogprob] = []
         finished: Finished | None = None
         async with _fault_guard(self.lifecycle, job):
             async for event in self._events(job):
-                if isinstance(event, PlainText):
+                if isinstance(event, Logprobs):
+                    logprobs.extend(event.entries)
+                elif isinstance(event, PlainText):
                     content.append(event.text)
                 elif isinstance(event, ReasoningText):
                     (content if job.include_reasoning else reasoning).append(event.text)
@@ -179,6 +186,8 @@ class Inference:
         assert finished is not None
         _log_done(job, finished)
         body = complete_body(job, "".join(content), "".join(reasoning), calls, finished)
+        if job.generation.sampling.logprobs is not None:
+            body["choices"][0]["logprobs"] = logprobs_body(job, logprobs)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _stream(self, job: Job, request: web.Request) -> web.StreamResponse:
@@ -206,15 +215,44 @@ class Inference:
 def _refuse_unsupported(req: SamplingFields) -> None:
     if req.n != 1:
         raise bad_request("n > 1 is not supported: send one request per completion", param="n")
-    if req.logprobs:
-        raise bad_request("logprobs are not supported by this neuron", param="logprobs")
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type == "json_schema":
-        raise bad_request(
-            "response_format 'json_schema' is not supported: the neuron can constrain output to a JSON object "
-            "(response_format {'type': 'json_object'}) but not to a schema",
-            param="response_format",
+
+
+def chat_constraint(req: ChatCompletionRequest, model: LoadedModel, use_tools: bool) -> grammar.Grammar | None:
+    """The grammar a chat request decodes under: a forced tool call, a response_format schema, or valid calls."""
+    try:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if use_tools else None
+        calls = tool_grammar(
+            tools, req.tool_choice or "auto", model.info.tool_call_format, parallel=req.parallel_tool_calls is not False
         )
+    except EngineError as exc:
+        raise bad_request(str(exc), param="tool_choice") from None
+    forced = calls is not None and req.tool_choice not in (None, "auto")
+    fmt = req.response_format
+    if forced or fmt is None or fmt.type == "text":
+        return calls
+    if fmt.type == "json_object":
+        return None  # SamplingParams.json_object: the engine's JSON-mode grammar
+    spec = fmt.json_schema or {}
+    if "schema" not in spec:
+        raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
+    try:
+        return grammar.json_schema(spec["schema"], strict=bool(spec.get("strict")), label="response_format json_schema")
+    except EngineError as exc:
+        raise bad_request(str(exc), param="response_format") from None
+
+
+def requested_logprobs(req: SamplingFields) -> int | None:
+    """How many alternatives per token the request wants (Chat: logprobs + top_logprobs; Completions: logprobs)."""
+    top = getattr(req, "top_logprobs", None)
+    if isinstance(req, ChatCompletionRequest):
+        if not req.logprobs:
+            if top:
+                raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+            return None
+        return top or 0
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    return int(req.logprobs)
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int, model: LoadedModel) -> SamplingParams:
@@ -232,6 +270,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: int, model: LoadedModel
         presence_penalty=req.presence_penalty or 0.0,
         stop=tuple(req.stop_list()),
         json_object=wants_json_object(req),
+        logprobs=requested_logprobs(req),
     )
 
 
@@ -319,6 +358,13 @@ def complete_body(
     }
 
 
+def logprobs_body(job: Job, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """A choice's `logprobs`: Chat's {"content": [...]}, or the legacy Completions lists."""
+    if job.kind == "text":
+        return completions_logprobs(entries, offset)
+    return {"content": [entry.openai() for entry in entries]}
+
+
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -329,6 +375,7 @@ class ChunkWriter:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.tool_calls = 0
+        self._text_offset = 0  # Completions logprobs count text offsets across chunks
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         self._head = {"id": job.id, "object": obj, "created": job.created, "model": job.model_id}
 
@@ -344,6 +391,10 @@ class ChunkWriter:
         return self._chunk({"role": "assistant", "content": ""}) if self.job.kind == "chat" else b""
 
     def event(self, event: OutputEvent) -> bytes:
+        if isinstance(event, Logprobs):
+            body = logprobs_body(self.job, list(event.entries), self._text_offset)
+            self._text_offset += sum(len(e.text) for e in event.entries)
+            return self._chunk({}, logprobs=body)
         if isinstance(event, PlainText):
             return self._chunk({"content": event.text})
         if isinstance(event, ReasoningText):

@@ -8,11 +8,21 @@ incrementally, so streaming and non-streaming replies come out of one code path.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from cortex.neuron.engine import LoadedModel
 from cortex.neuron.engine.types import Finished, GenerationRequest, PlainText, ReasoningText, TextDelta, ToolCall
 
-OutputEvent = PlainText | ReasoningText | ToolCall | Finished
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Per-token logprobs (engine `TokenLogprob`s) of the text that the events after it carry."""
+
+    entries: tuple[Any, ...]
+
+
+OutputEvent = PlainText | ReasoningText | ToolCall | Logprobs | Finished
 
 
 class OutputSplitter:
@@ -54,6 +64,8 @@ async def split_output(
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
+                if event.logprobs:
+                    yield Logprobs(event.logprobs)
                 for item in splitter.feed(event.text):
                     yield item
             else:

@@ -278,18 +278,32 @@ class GrammarCompiler:
 
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
-_COMPILERS_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()  # one build at a time: a request arriving mid warm-up waits for it
 
 
 def compiler_for(tokenizer: Any, eos_ids: Iterable[int] = (), vocab_size: int | None = None) -> GrammarCompiler:
     """The compiler of a tokenizer, built on first use (about a second for a 50k vocabulary) and kept."""
-    with _COMPILERS_LOCK:
-        compiler = _COMPILERS.get(tokenizer)
+    compiler = _COMPILERS.get(tokenizer)
     if compiler is None:
-        compiler = GrammarCompiler(tokenizer, eos_ids, vocab_size)
-        with _COMPILERS_LOCK:
-            compiler = _COMPILERS.setdefault(tokenizer, compiler)
+        with _BUILD_LOCK:
+            compiler = _COMPILERS.get(tokenizer)
+            if compiler is None:
+                compiler = GrammarCompiler(tokenizer, eos_ids, vocab_size)
+                _COMPILERS[tokenizer] = compiler
     return compiler
+
+
+def warm_up(tokenizer: Any, eos_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:
+    """Build the tokenizer's compiler on a background thread, so no request pays for it on the event loop."""
+    eos = tuple(eos_ids)
+
+    def build() -> None:
+        try:
+            compiler_for(tokenizer, eos, vocab_size)
+        except Exception as exc:  # a tokenizer llguidance cannot read: constrained requests get the EngineError
+            log.info("constrained decoding unavailable for this tokenizer: %s", exc)
+
+    threading.Thread(target=build, name="grammar-warm-up", daemon=True).start()
 
 
 def _first_line(message: str) -> str:

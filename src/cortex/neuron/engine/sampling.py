@@ -7,8 +7,8 @@ noise is a counter-based hash of (seed, position, token id). A seeded request th
 same tokens whatever else shares its batch, and a preempted sequence resumes on the same draws.
 Greedy rows are an argmax. The only sort is one batched sort over the rows that ask for top-p.
 
-`Sampler` is the older per-sequence path, kept for constrained (JSON) rows, whose sampler must
-reject draws one at a time.
+Grammar-constrained rows sample in the same pass: the scheduler masks their logits first (grammar.py).
+`Sampler` is the older per-sequence path.
 """
 
 from __future__ import annotations
@@ -185,6 +185,7 @@ class SamplingBatch:
     def __init__(self, rows: Rows[RowParams], device: torch.device) -> None:
         self.rows = list(rows)
         self._device = device
+        self.penalised_logits: torch.Tensor | None = None  # set by `sample`: the logprobs' distribution
         greedy = [r.params.temperature < GREEDY_TEMPERATURE for r in rows]
         self.all_greedy = all(greedy)
         sampled = [i for i, g in enumerate(greedy) if not g]
@@ -226,6 +227,7 @@ class SamplingBatch:
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of each row, [R] long on the device. `logits` is [R, vocab]."""
         logits = self._penalise(logits.float())
+        self.penalised_logits = logits  # what the logprobs are computed from (before temperature)
         if self.all_greedy:
             return logits.argmax(-1)
         index = self._sampled_index

@@ -34,6 +34,8 @@ import torch
 
 from .attention import AttentionContext, PrefillChunk, prefix_mask
 from .blocks import BlockManager
+from .grammar import CompiledGrammar, Grammar, TokenMask, compiler_for, json_object, warm_up
+from .logprobs import MAX_TOP_LOGPROBS, step_logprobs, unpack
 from .runner import ModelRunner, StepBatch
 from .sampling import RowParams, SamplingBatch, validate_sampling
 from .sequence import Sequence
@@ -101,6 +103,8 @@ class Scheduler:
         self._context_length = context_length
         self._options = options
         self._vocab = runner.vocab_size
+        self._mask = TokenMask(runner.device)  # grammar-constrained rows (JSON, schemas, grammars, tool calls)
+        warm_up(tokenizer, eos_ids, self._vocab)  # the grammar compiler for this vocabulary, off the loop
         self._inbox: deque[Sequence] = deque()  # loop → worker hand-over (deque append/popleft are atomic)
         self._waiting: deque[Sequence] = deque()  # worker only: not holding blocks (new or preempted)
         self._running: list[Sequence] = []  # worker only: holding blocks, in admission order (youngest last)
@@ -151,7 +155,22 @@ class Scheduler:
                 f"{self.blocks.usable_blocks * self.blocks.block_size}"
             )
         validate_sampling(request.sampling)
+        if request.sampling.logprobs is not None and not 0 <= request.sampling.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        self._compile_constraint(request)
         return min(request.sampling.max_new_tokens, self._context_length - len(prompt))
+
+    def _compile_constraint(self, request: GenerationRequest) -> None:
+        """Compile the request's grammar for this model (cached); EngineError if it does not compile."""
+        grammar = request.constraint
+        if grammar is None and request.sampling.json_object:
+            grammar = json_object()
+        if grammar is None or isinstance(grammar, CompiledGrammar):
+            return
+        if not isinstance(grammar, Grammar):
+            raise EngineError("constraint must be a grammar")
+        compiler = compiler_for(self._tokenizer, self._eos_ids, self._vocab)
+        request.constraint = compiler.compile(grammar)
 
     def open(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
         sequence = Sequence(request, self.validate(request), loop)
@@ -360,12 +379,8 @@ class Scheduler:
             padded = [t + [0] * (width - len(t)) for t in tables]
             context.block_tables = torch.tensor(padded, dtype=torch.long, device=device)
             context.context_lens = torch.tensor([p + 1 for p in positions[: len(decode)]], device=device)
-        # Rows without a constraint sample in one batched pass; constrained (JSON) rows one by one.
-        free_rows = [i for i, s in enumerate(samplers) if s.sampler is None]
-        sampling = SamplingBatch([self._row(samplers[i]) for i in free_rows], device) if free_rows else None
-        free_index = (
-            torch.tensor(free_rows, dtype=torch.long, device=device) if len(free_rows) < len(samplers) else None
-        )
+        # Every row samples in one batched pass; constrained rows first get their grammar's token mask.
+        sampling = SamplingBatch([self._row(s) for s in samplers], device) if samplers else None
         batch = StepBatch(
             torch.tensor([ids], dtype=torch.long, device=device),
             torch.tensor([positions], dtype=torch.long, device=device),
@@ -376,19 +391,31 @@ class Scheduler:
         result: list[int | None] = [None] * len(work)
         if not samplers:
             return result
-        host: list[int] = [0] * len(samplers)
-        if sampling is not None:
-            chosen = sampling.sample(logits if free_index is None else logits.index_select(0, free_index))
-            for row, i in enumerate(free_rows):
-                samplers[i].record(chosen[row : row + 1])
-            for i, token in zip(free_rows, chosen.tolist(), strict=True):  # the one host copy of the step
-                host[i] = token
-        for i, sequence in enumerate(samplers):
-            if sequence.sampler is not None:
-                host[i] = int(sequence.sampler(logits[i]).item())
+        assert sampling is not None
+        constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
+        if constrained:
+            logits = self._mask.apply(logits.float(), constrained)
+        chosen = sampling.sample(logits)
+        for row, sequence in enumerate(samplers):
+            sequence.record(chosen[row : row + 1])
+        tops = [s.params.logprobs for s in samplers]
+        wanted = [t for t in tops if t is not None]
+        scores = None
+        if wanted:  # from the distribution sampled from: penalties, mask and temperature applied
+            temperatures = [s.params.temperature for s in samplers]
+            assert sampling.penalised_logits is not None
+            scores = step_logprobs(sampling.penalised_logits, chosen, temperatures, max(wanted))
+        host: list[int] = chosen.tolist()  # the one host sync of the step
+        if scores is not None:
+            for sequence, token, row, top in zip(samplers, host, scores.tolist(), tops, strict=True):
+                sequence.next_logprob = unpack(token, row, top, self._decode_each) if top is not None else None
         for i, index in enumerate(sampler_items):
             result[index] = host[i]
         return result
+
+    def _decode_each(self, ids: list[int]) -> list[str]:
+        """Each token's own text (logprobs name the tokens they score)."""
+        return list(self._tokenizer.batch_decode([[i] for i in ids]))
 
     def _row(self, sequence: Sequence) -> RowParams:
         return RowParams(sequence.params, sequence.seed, len(sequence.tokens), sequence.seen, sequence.counts)

@@ -17,8 +17,8 @@ import torch
 
 from .blocks import BlockTable
 from .detokenize import IncrementalDetokenizer, StopMatcher
-from .json_constraint import ConstrainedSampler, json_sampler
-from .sampling import Sampler, clamp_seed
+from .grammar import GrammarMatcher
+from .sampling import clamp_seed
 from .types import Finished, GenerationEvent, GenerationRequest, SamplingParams, TextDelta
 
 Delivery = list[GenerationEvent] | BaseException
@@ -36,6 +36,7 @@ class OutputStream:
         self._eos_ids = frozenset() if params.ignore_eos else eos_ids
         self._max_new = max_new
         self._unaccounted = 0  # tokens whose text is still held back
+        self._logprobs: list[Any] = []  # their logprobs (when asked for), handed out with their text
         self.generated = 0
         self.reason: FinishReason | None = None  # set once the sequence is done
         self.stop_sequence: str | None = None
@@ -44,11 +45,13 @@ class OutputStream:
     def done(self) -> bool:
         return self.reason is not None
 
-    def push(self, token_id: int) -> list[TextDelta]:
+    def push(self, token_id: int, logprob: Any = None) -> list[TextDelta]:
         self.generated += 1
         self._unaccounted += 1
         if token_id in self._eos_ids:
             return self._end("stop")
+        if logprob is not None:
+            self._logprobs.append(logprob)
         text, stop = self._stops.push(self._detokenizer.push(token_id))
         if stop is not None:
             self.reason, self.stop_sequence = "stop", stop
@@ -69,8 +72,9 @@ class OutputStream:
     def _delta(self, text: str) -> list[TextDelta]:
         if not text:
             return []
-        delta = TextDelta(text=text, tokens=self._unaccounted)
+        delta = TextDelta(text=text, tokens=self._unaccounted, logprobs=tuple(self._logprobs))
         self._unaccounted = 0
+        self._logprobs = []
         return [delta]
 
 
@@ -99,7 +103,9 @@ class Sequence:
         self.cached_tokens = 0  # prompt tokens reused from the prefix cache at the first admission
         self.admissions = 0
         self.seed = clamp_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
-        self.sampler: ConstrainedSampler | None = None  # constrained (JSON) rows: the per-sequence path
+        self.constraint = request.constraint  # a CompiledGrammar once validated, or None
+        self.matcher: GrammarMatcher | None = None  # its state: the step masks this row's logits with it
+        self.next_logprob: Any = None  # the last sampled token's TokenLogprob, when the request asked for them
         self.seen: torch.Tensor | None = None  # [vocab] bool: prompt + output (repetition penalty)
         self.counts: torch.Tensor | None = None  # [vocab] float: output counts (frequency/presence)
         self.output: OutputStream | None = None
@@ -127,10 +133,9 @@ class Sequence:
     def start(self, device: torch.device, tokenizer: Any, eos_ids: frozenset[int], vocab: int) -> None:
         """Worker thread, first admission: output stream and sampling state."""
         self.output = OutputStream(tokenizer, self.prompt_ids, self.params, eos_ids, self.max_new_tokens)
-        if self.params.json_object:
-            prompt = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
-            self.sampler = json_sampler(Sampler(self.params, prompt, device), tokenizer, eos_ids)
-        elif self.penalised:
+        if self.constraint is not None:
+            self.matcher = self.constraint.matcher()
+        if self.penalised:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             prompt = torch.tensor([t for t in self.prompt_ids if t < vocab], dtype=torch.long, device=device)
             self.seen[prompt] = True
@@ -144,17 +149,21 @@ class Sequence:
 
     def release(self) -> None:
         """Worker thread: drop every tensor this sequence holds (its blocks are freed by the scheduler)."""
-        self.sampler = None
+        self.matcher = None
         self.seen = self.counts = None
 
-    def accept(self, token_id: int, now: float) -> list[GenerationEvent]:
+    def accept(self, token_id: int, now: float, logprob: Any = None) -> list[GenerationEvent]:
         """Worker thread: one sampled token in, the events it produces out (Finished last, once)."""
         assert self.output is not None
         if self.output.generated == 0:
             self.first_token_at = now
         self.last_token_at = now
         self.tokens.append(token_id)
-        events: list[GenerationEvent] = list(self.output.push(token_id))
+        if self.matcher is not None:
+            self.matcher.advance(token_id)  # the mask allowed it; a refusal leaves only end-of-sequence
+        if logprob is None:
+            logprob, self.next_logprob = self.next_logprob, None
+        events: list[GenerationEvent] = list(self.output.push(token_id, logprob))
         if self.output.done:
             events.append(self.finished())
         return events

@@ -63,6 +63,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past EOS (benchmarks); max_new_tokens still ends it
     json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (0-20); None: off
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +75,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
+    # A grammar.Grammar to decode under (JSON Schema, Lark, regex, tool calls); validation compiles it
+    # for the model (a grammar that does not compile is an EngineError) and leaves the CompiledGrammar here.
+    constraint: Any = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class TextDelta:
 
     text: str
     tokens: int  # tokens this delta accounts for
+    logprobs: tuple[Any, ...] = ()  # one logprobs.TokenLogprob per token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ records the step's kernels once, at load, and replays them with one launch.
 
 A graph replays fixed shapes at fixed addresses, so a decode step's inputs live in static buffers
 sized for the largest bucket: `input_ids`/`positions`/`slot_mapping`/`context_lens` [B] and
-`block_tables` [B, W]. A step of `n` sequences whose longest block table has `w` blocks runs the
-graph of the smallest captured (B >= n, W >= w): its inputs are copied into the buffers and padded.
-Padding rows are harmless by construction: each writes its key/value into slot 0 of the reserved
-padding block 0 (which no sequence owns), attends only to that slot (`context_lens = 1`), and its
-logits are dropped. Padding columns of a block table point at block 0 and are masked out by
-`context_lens`. Steps with a prefill chunk, or larger than every bucket, run eagerly.
+`block_tables` [B, W] (one contiguous buffer per width W). A step of `n` sequences whose longest
+block table has `w` blocks runs the graph of the smallest captured (B >= n, W >= w): its inputs
+are copied into the buffers and padded. Padding rows are harmless by construction: each writes its
+key/value into slot 0 of the reserved padding block 0 (which no sequence owns), attends only to
+that slot (`context_lens = 1`), and its logits are dropped. Padding columns of a block table point
+at block 0 and are masked out by `context_lens`. Steps with a prefill chunk, or larger than every
+bucket, run eagerly.
 
 Widths are bucketed as well as batch sizes because the paged attention gathers `W` blocks per row:
 a graph captured only at the model's full context would make every short decode pay for it. Pairs
@@ -171,11 +172,12 @@ class DecodeGraphs:
         self.stats = GraphStats(enabled=True)
         self._inside = False  # a captured (or eagerly replayed) step is running: its forward must not replay
         device = runner.device
-        b, w = self.batches[-1], self.widths[-1]
+        b = self.batches[-1]
         self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
         self.positions = torch.zeros(b, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((b,), PAD_SLOT, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros((b, w), dtype=torch.long, device=device)
+        # One contiguous [B, W] table per width, so every bucket's table is a contiguous row slice.
+        self.block_tables = {w: torch.zeros((b, w), dtype=torch.long, device=device) for w in self.widths}
         self.context_lens = torch.ones(b, dtype=torch.long, device=device)
         self.keep = torch.arange(b, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _Captured] = {}
@@ -236,15 +238,16 @@ class DecodeGraphs:
         self.positions[:n].copy_(batch.positions[0], non_blocking=True)
         self.slot_mapping[:n].copy_(context.slot_mapping, non_blocking=True)
         self.context_lens[:n].copy_(context.context_lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(context.block_tables, non_blocking=True)
+        tables = self.block_tables[w]
+        tables[:n, :width].copy_(context.block_tables, non_blocking=True)
         if width < w:
-            self.block_tables[:n, width:w].zero_()
+            tables[:n, width:].zero_()
         if n < b:
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
             self.slot_mapping[n:b].fill_(PAD_SLOT)
             self.context_lens[n:b].fill_(1)
-            self.block_tables[n:b, :w].zero_()
+            tables[n:b].zero_()
 
     def _step(self, b: int, w: int) -> torch.Tensor:
         """The decode forward over the first b rows and w columns of the static buffers: what gets captured."""
@@ -252,7 +255,7 @@ class DecodeGraphs:
             self.kv,
             self.slot_mapping[:b],
             num_decode=b,
-            block_tables=self.block_tables[:b, :w],
+            block_tables=self.block_tables[w][:b],
             context_lens=self.context_lens[:b],
         )
         batch = StepBatch(self.input_ids[:b][None], self.positions[:b][None], self.keep[:b], context)
@@ -268,7 +271,8 @@ class DecodeGraphs:
         self.positions.zero_()
         self.slot_mapping.fill_(PAD_SLOT)
         self.context_lens.fill_(1)
-        self.block_tables.zero_()
+        for tables in self.block_tables.values():
+            tables.zero_()
         self.kv.storage[:, :, 0].zero_()
 
 

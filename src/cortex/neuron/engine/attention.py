@@ -157,8 +157,9 @@ def paged_attention(
         assert context.block_tables is not None
         q_dec = q[:, :decode].transpose(0, 1).reshape(decode, kv_heads, group, dim)  # pack GQA
         width = context.block_tables.shape[1] * kv.block_size
-        k_dec = k_cache[context.block_tables].view(decode, width, kv_heads, dim).transpose(1, 2)
-        v_dec = v_cache[context.block_tables].view(decode, width, kv_heads, dim).transpose(1, 2)
+        flat = context.block_tables.view(-1)  # index_select: advanced indexing is ~10x slower on CPU
+        k_dec = k_cache.index_select(0, flat).view(decode, width, kv_heads, dim).transpose(1, 2)
+        v_dec = v_cache.index_select(0, flat).view(decode, width, kv_heads, dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=context.decode_mask(), scale=scaling)
         outputs.append(out.reshape(decode, heads, dim))  # [B, H, D]
     for chunk in context.prefills:
@@ -170,8 +171,8 @@ def paged_attention(
             v_pre = value[0, :, chunk.q_start : chunk.q_start + chunk.q_len]
             mask = _causal(chunk.q_len, group, query.device)
         else:
-            k_pre = k_cache[chunk.block_ids].view(-1, kv_heads, dim)[: chunk.kv_len].transpose(0, 1)
-            v_pre = v_cache[chunk.block_ids].view(-1, kv_heads, dim)[: chunk.kv_len].transpose(0, 1)
+            k_pre = k_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, dim)[: chunk.kv_len].transpose(0, 1)
+            v_pre = v_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, dim)[: chunk.kv_len].transpose(0, 1)
             mask = chunk.mask.repeat(group, 1)
         out = F.scaled_dot_product_attention(q_pre, k_pre, v_pre, attn_mask=mask, scale=scaling)
         outputs.append(out.reshape(heads, chunk.q_len, dim).transpose(0, 1))  # [n, H, D]

@@ -5,7 +5,8 @@
 
 Engine only (no `generate()` baseline: on a GPU its serial runs would take minutes; the anchors in
 docs/engine.md are the comparison). Measures, in one process:
-- load: adopt time and the CUDA-graph capture stats (count, buckets, seconds, pool memory);
+- load: random init, KV pool, warm-up and capture on the device worker, and the capture stats
+  (graph count, buckets, seconds, pool memory);
 - ttft_s: median time to one token of the first prompt (5 samples);
 - single_tok_s: one stream, (N-1) / (time for N tokens - ttft);
 - aggregate_tok_s: K streams started together (and `random`: the largest K arriving uniformly over
@@ -85,14 +86,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": new_tokens,
         "prompt_tokens_median": statistics.median(len(p) for p in prompt_ids),
     }
-    started = time.perf_counter()
-    module = build_shape(args.shape, device, getattr(torch, dtype_name))
-    result["build_s"] = round(time.perf_counter() - started, 2)
     engine = Engine([device], cuda_graphs=not args.eager)
     try:
+        # Built on the device worker, so the engine measures the weights' memory as a load does.
         started = time.perf_counter()
-        model = await engine.adopt("bench", device, lambda: (module, tokenizer))
-        result["load_s"] = round(time.perf_counter() - started, 2)
+        model = await engine.adopt(
+            "bench", device, lambda: (build_shape(args.shape, device, getattr(torch, dtype_name)), tokenizer)
+        )
+        result["load_s"] = round(time.perf_counter() - started, 2)  # random init + KV pool + warm-up + capture
         kv = model.kv_stats()
         result["cuda_graph_stats"] = kv.pop("cuda_graphs", None)
         result["kv"] = kv

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cortex.cli.console import CliError, console
@@ -275,7 +276,7 @@ class LoadView:
             line = f"loading {model} on {node}:{percent} {stage}".rstrip()
             if self.last.get(key) != stage:
                 self.last[key] = stage
-                self.out.print(line, highlight=False, soft_wrap=True)
+                self.out.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         if self.progress is None:
             columns = (
@@ -288,8 +289,8 @@ class LoadView:
             self.progress = Progress(*columns, console=self.out, redirect_stderr=True, redirect_stdout=True)
             self.progress.start()
         if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task("", total=1.0, model=model, node=node, stage=stage)
-        self.progress.update(self.tasks[key], completed=fraction or 0.0, stage=stage)
+            self.tasks[key] = self.progress.add_task("", total=1.0, model=escape(model), node=escape(node), stage="")
+        self.progress.update(self.tasks[key], completed=fraction or 0.0, stage=escape(stage))
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -336,7 +337,7 @@ class StartupReport:
                             reported_failures.add(key)
                             reason = model.error.text() if model.error else "unknown reason"
                             view.out.print(
-                                f"[red]could not load {model.id} on {node}:[/red] {reason}",
+                                f"[red]could not load {escape(model.id)} on {escape(node)}:[/red] {escape(reason)}",
                                 highlight=False,
                                 soft_wrap=True,
                             )
@@ -390,7 +391,8 @@ class StartupReport:
             where = ", ".join(model.get("loaded_on") or []) or "?"
             also = f" (alias {', '.join(aliases)})" if aliases else ""
             out.print(
-                f"[green bold]ready in {elapsed:.0f} s[/green bold] — {model['id']}{also} answers on {where}",
+                f"[green bold]ready in {elapsed:.0f} s[/green bold] — {escape(model['id'] + also)} answers on "
+                f"{escape(where)}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -1,0 +1,67 @@
+"""`cortex up`'s start-up report, on a terminal and off one, and its plan for a one-machine fleet."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+from rich.console import Console
+
+from cortex.cli.up import CliError, LoadView, check_ports, client_host, plan_neurons
+
+
+def test_a_terminal_gets_progress_bars() -> None:
+    out = io.StringIO()
+    view = LoadView(Console(file=out, force_terminal=True, width=120))
+    view.update("local", "m[1m]", 0.3, "reading weights")
+    view.update("local", "m[1m]", 1.0, "loaded")
+    view.stop()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "loading m[1m] on local" in text and "100%" in text and "loaded" in text
+
+
+def test_elsewhere_one_line_per_stage() -> None:
+    out = io.StringIO()
+    view = LoadView(Console(file=out, force_terminal=False, width=200))
+    for fraction, stage in ((0.0, "resolving"), (0.1, "resolving"), (0.3, "reading weights"), (1.0, "loaded")):
+        view.update("local", "m", fraction, stage)
+    assert out.getvalue().splitlines() == [
+        "loading m on local: 0% resolving",
+        "loading m on local: 30% reading weights",
+        "loading m on local: 100% loaded",
+    ]
+
+
+def test_a_fleet_plan_splits_ports_memory_and_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NEURON_DEVICES__CPU_MEMORY_FRACTION", "NEURON_DEFAULT_MODELS", "NEURON_DEVICES__USE"):
+        monkeypatch.delenv(name, raising=False)
+    neurons = plan_neurons("127.0.0.1:20000", 3, None)
+    assert [(n.name, n.listen) for n in neurons] == [
+        ("local-1", "127.0.0.1:20000"),
+        ("local-2", "127.0.0.1:20001"),
+        ("local-3", "127.0.0.1:20002"),
+    ]
+    assert {n.env["NEURON_DEVICES__CPU_MEMORY_FRACTION"] for n in neurons} == {f"{0.5 / 3:.4f}"}
+    assert "NEURON_DEFAULT_MODELS" not in neurons[0].env
+    assert [json.loads(n.env["NEURON_DEFAULT_MODELS"]) for n in neurons[1:]] == [[], []]
+    assert all(n.env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "NEURON_ENGINE__CORES" in n.env for n in neurons)
+    (single,) = plan_neurons("0.0.0.0:13131", 1, None)
+    assert single.name == "local" and single.url == "http://127.0.0.1:13131"
+    assert "NEURON_DEVICES__CPU_MEMORY_FRACTION" not in single.env
+
+
+def test_an_operator_setting_in_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEURON_DEVICES__CPU_MEMORY_FRACTION", "0.9")
+    assert all("NEURON_DEVICES__CPU_MEMORY_FRACTION" not in n.env for n in plan_neurons("127.0.0.1:20000", 2, None))
+
+
+def test_plans_that_cannot_work_are_refused() -> None:
+    with pytest.raises(CliError, match=r"needs ports 65535\.\.65536"):
+        plan_neurons("127.0.0.1:65535", 2, None)
+    with pytest.raises(CliError, match="is not HOST:PORT"):
+        plan_neurons("nowhere", 1, None)
+    with pytest.raises(CliError, match="asked for twice"):
+        check_ports([("127.0.0.1:1", "gateway API", "--listen"), ("127.0.0.1:1", "neuron", "--neuron-listen")])
+    assert client_host("[::]:31313") == "127.0.0.1:31313"

@@ -88,17 +88,19 @@ def run_neuron(
         daemon.stop()
 
 
-def get_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
-def wait_model_status(url: str, model_id: str, status: str = "loaded", timeout: float = 120.0) -> dict:
-    """Poll a neuron's /models until `model_id` reaches `status`; fail early on `failed`."""
+def wait_model_status(
+    url: str, model_id: str, status: str = "loaded", timeout: float = 120.0, headers: dict[str, str] | None = None
+) -> dict:
+    """Poll a neuron's /models until `model_id` reaches `status`; fail early on `failed` (`headers`: its token)."""
     deadline = time.monotonic() + timeout
     last: dict = {}
     while time.monotonic() < deadline:
-        models = get_json(f"{url}/models")
+        models = get_json(f"{url}/models", headers=headers)
         last = next((m for m in models if m["id"] == model_id), {})
         if last.get("status") == status:
             return last

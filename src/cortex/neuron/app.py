@@ -5,7 +5,7 @@ Every control answer is a typed body from core/neuron_api.py, the contract the g
 
 from __future__ import annotations
 
-import hmac
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +30,7 @@ from cortex.core.neuron_api import (
     UnloadRequest,
 )
 from cortex.core.openai import ChatCompletionRequest, CompletionRequest
+from cortex.core.secrets import KeySet
 from cortex.core.validation import parse_request
 from cortex.neuron.config import ModelConfig, NeuronConfig
 from cortex.neuron.engine import Engine
@@ -83,12 +84,27 @@ def lifecycle_call(handler: H) -> H:
     return handler
 
 
+# What anyone may call when a token is set: liveness and version (load balancers, a gateway's first contact).
+OPEN_PATHS = frozenset({"/health", "/version"})
+
+
+@functools.lru_cache(maxsize=4)
+def _token_keys(token: str) -> KeySet:
+    return KeySet([token])
+
+
 def check_token(request: web.Request, token: str | None) -> None:
-    if token is None:
+    """Every route but OPEN_PATHS needs `Authorization: Bearer <token>` (compared as digests, in constant time)."""
+    if token is None or request.path in OPEN_PATHS:
         return
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "Lifecycle calls need 'Authorization: Bearer <token>'", type="authentication_error")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _token_keys(token).matches(given.strip()):
+        raise ApiError(
+            401,
+            "This neuron needs 'Authorization: Bearer <token>' (its neuron.toml token) on every route but /health",
+            type="authentication_error",
+            code="invalid_token",
+        )
 
 
 @web.middleware
@@ -96,8 +112,7 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
     """Every route: the request id, the token of lifecycle calls, errors as OpenAI error bodies."""
     request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
     try:
-        if getattr(handler, "needs_token", False):
-            check_token(request, request.app[STATE].config.token)
+        check_token(request, request.app[STATE].config.token)
         response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:

@@ -5,7 +5,8 @@ either run against a real fleet (curl, the `cortex` operator commands, `export`)
 covered by another test (the set-up and test commands by `.ci/run`, `cortex up` by its e2e tests,
 `serve --config` by the examples test, …). A command that matches no rule fails the docs test, so a
 new snippet is either runnable or says which test stands for it. Untagged blocks are output and
-diagrams: not code.
+diagrams: not code. A Python block is run when it imports what it uses (a program); without imports
+it is an excerpt of the repository's code and is only compiled.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ COVERED: list[tuple[re.Pattern[str], str]] = [
 RUNNABLE = re.compile(
     r"^(curl |export [A-Z_]+=|(\.venv/bin/)?(cortex|neuron) (status|models|load|unload|pin|bench|--version))"
 )
+
+
+def is_program(block: Block) -> bool:
+    """A Python block that imports what it uses is a program and is run; one without imports is an
+    excerpt of the repository's code (a dataclass, a signature) and is only compiled."""
+    return re.search(r"^(import|from) \w", block.text, re.MULTILINE) is not None
 
 
 def covered_by(command: str) -> str | None:

@@ -7,6 +7,8 @@ through both dialects, and Ctrl-C must stop both processes cleanly.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import openai
 import pytest
 
 from cortex.neuron.default_model import DEFAULT_MODEL_ID
+from tests.e2e import snippets
 from tests.support.procs import free_port, spawn
 
 QUESTION = "What is the capital of France?"
@@ -130,6 +133,44 @@ def test_start_up_is_told_truthfully(fleet: tuple[str, subprocess.Popen[bytes], 
         assert step in log[ready:], step
     assert "it/s]" not in log and "Converting and de-quantizing" not in log  # no tqdm bars
     assert "event=model.load.start" not in log[:ready]  # info lines wait while the progress is shown
+
+
+def test_documented_snippets_run(fleet: tuple[str, subprocess.Popen[bytes], Path, int], tmp_path: Path) -> None:
+    """Every runnable command and every Python block of README.md and docs/*.md, against this fleet.
+
+    The documented ports (31313, 31314, 13131) are replaced by this fleet's; which commands run and
+    which are covered elsewhere is decided in tests/e2e/snippets.py (tests/e2e/test_docs.py checks it).
+    """
+    url, _, log_path, neuron_port = fleet
+    port = url.rsplit(":", 1)[1]
+    metrics_port = re.search(r"metrics\s+http://127\.0\.0\.1:(\d+)/metrics", log_path.read_text()).group(1)
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "CORTEX_URL": url, "PATH": f"{venv_bin}:{os.environ['PATH']}", "COLUMNS": "200"}
+
+    def local(text: str) -> str:
+        text = re.sub(r"(localhost|127\.0\.0\.1):31313", f"127.0.0.1:{port}", text)
+        text = re.sub(r"(localhost|127\.0\.0\.1):31314", f"127.0.0.1:{metrics_port}", text)
+        return re.sub(r"(localhost|127\.0\.0\.1):13131", f"127.0.0.1:{neuron_port}", text)
+
+    ran = 0
+    for block in snippets.blocks():
+        if block.lang == "python" and snippets.is_program(block):
+            args = [sys.executable, "-c", local(block.text)]
+            done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=snippets.ROOT, timeout=300)
+            assert done.returncode == 0, f"{block.where}:\n{done.stderr}"
+            ran += 1
+        if block.lang != "bash":
+            continue
+        for command in snippets.commands(block):
+            if snippets.covered_by(command) or not snippets.RUNNABLE.search(command):
+                continue
+            args = ["bash", "-c", local(command)]
+            done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=snippets.ROOT)
+            assert done.returncode == 0, f"{block.where}: {command}\n{done.stdout}\n{done.stderr}"
+            if command.startswith("curl"):
+                assert '"error"' not in done.stdout, f"{block.where}: {command}\n{done.stdout}"
+            ran += 1
+    assert ran >= 5
 
 
 def test_ctrl_c_stops_gateway_and_neuron(fleet: tuple[str, subprocess.Popen[bytes], Path, int]) -> None:

@@ -73,6 +73,7 @@ class GatewaySection(_Strict):
     api_keys_file: Path | None = None  # more client keys, one per line (plain or sha256:), '#' comments
     allow_anonymous: bool = False  # serve clients without keys on a non-loopback listen (logged loudly)
     neuron_token: str | None = None  # bearer token sent to every neuron that has no `token` of its own
+    metrics_key: str | None = None  # when set, /metrics needs `Authorization: Bearer` it (or the admin key)
     keepalive_interval_s: float = Field(default=5.0, gt=0)  # SSE comments to streams waiting on a cold load
     connect_timeout_s: float = Field(default=5.0, gt=0)
     retry_after_s: float = Field(default=10.0, gt=0)  # Retry-After for recovering models and a full fleet
@@ -85,7 +86,7 @@ class GatewaySection(_Strict):
             parse_listen(v)
         return v
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "metrics_key")
     @classmethod
     def _admin_key(cls, v: str | None) -> str | None:
         return resolve_secret(v) if v is not None else None

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from cortex.core.errors import ApiError
-from cortex.core.gateway_config import FleetConfig, parse_listen
+from cortex.core.gateway_config import FleetConfig, exposure_warnings, parse_listen
 from cortex.core.logs import log_event
+from cortex.core.secrets import KeySet
 from cortex.gateway import admin, dashboard, listing
 from cortex.gateway.dialects.anthropic import routes as anthropic_routes
 from cortex.gateway.dialects.openai import routes as openai_routes
@@ -54,7 +55,16 @@ async def _not_found(request: web.Request) -> web.Response:
 
 
 def build_metrics_app(gateway: Gateway) -> web.Application:
+    # gateway.metrics_key protects /metrics (the admin key opens it too); without it, open (loopback by default).
+    keys = KeySet([k for k in (gateway.config.metrics_key, gateway.config.admin_key) if k is not None])
+    guarded = gateway.config.metrics_key is not None
+
     async def metrics(request: web.Request) -> web.Response:
+        if guarded:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not keys.matches(given.strip()):
+                err = ApiError(401, "/metrics needs 'Authorization: Bearer <metrics_key>'", code="invalid_metrics_key")
+                return render_error(request, err)
         return web.Response(body=gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
@@ -102,6 +112,8 @@ async def serve(
         strategy=gateway.eviction.strategy,
         config=gateway.source,
     )
+    for warning in exposure_warnings(fleet.gateway):  # allow_anonymous: said loudly, at every start
+        log_event(log, "gateway.exposed", logging.WARNING, warning=warning)
     if on_ready is not None:
         ready = on_ready()
         if ready is not None:

@@ -58,10 +58,12 @@ class Listing:
 
     @endpoint(access=Access.OPEN, dialect=Dialect.CALLER)
     async def health(self, request: web.Request) -> web.Response:
-        """Always 200 while the gateway runs; `status` says whether any neuron can serve."""
+        """Always 200 while the gateway runs; `status` says whether any neuron can serve.
+
+        Anyone may ask, so it names no address and no raw error: /admin/state has those for operators.
+        """
         neurons = {
-            node.name: {"healthy": node.healthy, "error": node.last_error, "models": len(node.replicas)}
-            for node in self.state.nodes.values()
+            node.name: {"healthy": node.healthy, "models": len(node.replicas)} for node in self.state.nodes.values()
         }
         healthy = sum(1 for n in neurons.values() if n["healthy"])
         return json_response(

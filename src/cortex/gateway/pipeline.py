@@ -5,8 +5,9 @@ One aiohttp middleware, so routes hold only what is particular to them:
 1. The request id: the client's `x-request-id` when it is safe (letters, digits, `.`, `_`, `-`, at
    most 128), else a new one; set for every log line, sent to the neuron, echoed in the answer.
 2. Authentication, by what the route declares with `@endpoint(access=...)`: `CLIENT` routes need
-   one of `gateway.api_keys` (when any is set), `ADMIN` routes the `gateway.admin_key` (when set),
-   `OPEN` routes nothing. `Auth` is the one place keys are checked.
+   one of `gateway.api_keys` (when any is set), `ADMIN` routes the `gateway.admin_key` (open only on
+   a loopback gateway with no keys at all, as `cortex up` runs), `OPEN` routes nothing. `Auth` is the
+   one place keys are checked: SHA-256 digests compared in constant time (core/secrets.py).
 3. Errors: an `ApiError` raised anywhere below (or anything unexpected, as a 500) is answered in
    the route's dialect (`@endpoint(dialect=...)`): Anthropic's envelope on `/v1/messages`,
    OpenAI's on the OpenAI routes, the caller's (by `anthropic-version`) where both are spoken. A
@@ -15,7 +16,6 @@ One aiohttp middleware, so routes hold only what is particular to them:
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from enum import Enum
@@ -25,6 +25,7 @@ from aiohttp import web
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import REQUEST_ID_HEADER, request_id_from, request_id_var
+from cortex.core.secrets import KeySet
 from cortex.gateway.bodies import json_response
 from cortex.gateway.upstream import UpstreamError
 
@@ -36,7 +37,7 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 class Access(Enum):
     CLIENT = "client"  # one of gateway.api_keys, when any is configured
-    ADMIN = "admin"  # gateway.admin_key, when configured
+    ADMIN = "admin"  # gateway.admin_key (open only on a keyless loopback gateway)
     OPEN = "open"  # anyone (health checks)
 
 
@@ -60,24 +61,32 @@ def endpoint(*, access: Access = Access.CLIENT, dialect: Dialect = Dialect.OPENA
 class Auth:
     """Client keys (`Authorization: Bearer KEY` or `x-api-key: KEY`) and the admin key (Bearer or `x-admin-key`)."""
 
-    def __init__(self, api_keys: list[str], admin_key: str | None) -> None:
-        self._client_keys = [k.encode() for k in api_keys]
-        self._admin_key = admin_key.encode() if admin_key is not None else None
+    def __init__(self, api_keys: list[str], admin_key: str | None, *, loopback: bool = True) -> None:
+        self._client_keys = KeySet(api_keys)
+        self._admin_keys = KeySet([admin_key] if admin_key is not None else [])
+        # Without an admin key, /admin/* stays open only where nothing else is guarded: a loopback dev gateway.
+        self._admin_open = admin_key is None and not api_keys and loopback
 
     def check(self, request: web.BaseRequest, access: Access) -> None:
         if access is Access.CLIENT and self._client_keys:
             presented = _bearer(request) or request.headers.get("x-api-key", "")
-            if not _matches(presented, self._client_keys):
+            if not self._client_keys.matches(presented):
                 raise ApiError(401, "a valid API key is required", type="authentication_error", code="invalid_api_key")
-        elif access is Access.ADMIN and self._admin_key is not None:
+        elif access is Access.ADMIN and not self._admin_open:
+            if not self._admin_keys:
+                raise ApiError(
+                    403,
+                    "the admin API needs gateway.admin_key: set it in cortex.toml (client keys never open /admin)",
+                    type="permission_error",
+                    code="admin_key_not_configured",
+                )
             presented = _bearer(request) or request.headers.get("x-admin-key", "")
-            if not _matches(presented, [self._admin_key]):
+            if not self._admin_keys.matches(presented):
                 raise ApiError(401, "the admin key is required", type="authentication_error", code="invalid_admin_key")
 
-
-def _matches(presented: str, keys: list[bytes]) -> bool:
-    given = presented.encode()
-    return any(hmac.compare_digest(given, key) for key in keys)
+    def admin(self, request: web.BaseRequest) -> bool:
+        """Whether the request carries the admin key (for answers that say more to the operator)."""
+        return self._admin_keys.matches(_bearer(request) or request.headers.get("x-admin-key", ""))
 
 
 def _bearer(request: web.BaseRequest) -> str:

@@ -15,8 +15,9 @@ import aiohttp
 
 from cortex.core.catalogue import CatalogueModel
 from cortex.core.errors import ApiError
-from cortex.core.gateway_config import FleetConfig
+from cortex.core.gateway_config import FleetConfig, parse_listen
 from cortex.core.logs import log_event
+from cortex.core.secrets import is_loopback
 from cortex.gateway.accounting import Accounting
 from cortex.gateway.evictor import EvictionPolicy, Evictor
 from cortex.gateway.loader import Loader
@@ -71,7 +72,9 @@ class Gateway:
         self.state = FleetState(settings.neurons)
         self.metrics = Metrics()
         self.accounting = Accounting(self.metrics)
-        self.auth = Auth(self.config.api_keys, self.config.admin_key)
+        self.auth = Auth(
+            self.config.api_keys, self.config.admin_key, loopback=is_loopback(parse_listen(self.config.listen)[0])
+        )
         self.policy = EvictionPolicy(self.eviction.strategy, self.eviction.min_residency_s)
         self._background: set[asyncio.Task[object]] = set()
         self._pinned_retry_at: dict[tuple[str, str], float] = {}

@@ -294,7 +294,9 @@ def up(
             if i == 0:
                 names = ", ".join(f"{n.name} ({n.url})" for n in neurons)
                 console.print(f"starting {len(neurons)} neuron(s): {names} …", highlight=False, soft_wrap=True)
-        local.wait_for_neurons(list(zip(neurons, procs, strict=True)))
+        waiting = console.status("waiting for the neurons to answer (loading torch) …") if console.is_terminal else None
+        with waiting or contextlib.nullcontext():
+            local.wait_for_neurons(list(zip(neurons, procs, strict=True)))
         exit_code = _run_until_stopped(config, neurons, procs, listen, metrics_listen, started, show_all)
     except local.CliError as exc:
         show_all.set()

@@ -241,10 +241,24 @@ def test_cpu_only_torch_on_a_gpu_host_falls_back_to_cpu_with_the_reason() -> Non
         hardware(two_gpus(), cpu_torch, use=[0])
 
 
-def test_no_nvml_means_cpu_with_the_reason() -> None:
-    hw = Hardware(DevicesConfig(), Nvml(None), lambda: view())
+class NoDriverNvml(FakePynvml):
+    def nvmlInit(self) -> None:
+        raise FakeNVMLError("Driver Not Loaded")
+
+
+def test_no_nvml_and_no_cuda_means_cpu_with_the_reason() -> None:
+    hw = Hardware(DevicesConfig(), Nvml(NoDriverNvml([])), lambda: view())
     assert hw.is_cpu
-    assert hw.cuda_reason is not None
+    assert hw.cuda_reason == "NVML unavailable: Driver Not Loaded (no NVIDIA driver or GPU on this host)"
+    with pytest.raises(HardwareError, match=r"devices.use = \[0\], but NVML unavailable"):
+        Hardware(DevicesConfig(use=[0]), Nvml(NoDriverNvml([])), lambda: view())
+
+
+def test_without_nvml_the_devices_torch_sees_are_served() -> None:
+    hw = Hardware(DevicesConfig(), Nvml(NoDriverNvml([])), lambda: view(bare(A)))
+    assert [(d.torch_name, d.name, d.nvml_index) for d in hw.devices] == [("cuda:0", "torch-0", None)]
+    (health,) = hw.device_health(0)
+    assert (health["vram_total_mb"], health["vram_free_mb"]) == (8 * 1024, 8 * 1024)
 
 
 def test_the_real_torch_view_here_says_why_there_is_no_cuda() -> None:

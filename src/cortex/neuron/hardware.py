@@ -316,26 +316,27 @@ class Hardware:
         if self.config.use == "cpu":
             self.cuda_reason = 'CUDA disabled by config (devices.use = "cpu")'
             return [self._cpu_device()]
-        if not self.nvml.available:
-            self.cuda_reason = self.nvml.reason
-            return [self._cpu_device()]
-        inventory = self.nvml.inventory()
-        if not inventory:
-            self.cuda_reason = "NVML reports no GPUs"
-            return [self._cpu_device()]
+        inventory = self.nvml.inventory() if self.nvml.available else []
         view = self._cuda_view()
-        if explicit := self.config.use != "auto":
-            if not view.uuids:
-                raise HardwareError(f"devices.use = {self.config.use}, but {view.reason}")
-            check_use(self.config.use, len(view.uuids), self._visible)
         if not view.uuids:
-            gpus = sum(1 for d in inventory if d.mig_index is None)
-            self.cuda_reason = f"{view.reason}; NVML sees {gpus} GPU(s)"
+            self.cuda_reason = self._no_cuda_reason(view, inventory)
+            if self.config.use != "auto":
+                raise HardwareError(f"devices.use = {self.config.use}, but {self.cuda_reason}")
             return [self._cpu_device()]
+        # Without NVML (no nvidia-ml-py) the devices torch sees are still served, without live figures.
         devices = match_cuda_devices(view, inventory, self._visible)
-        if explicit:
-            devices = [devices[i] for i in dict.fromkeys(self.config.use)]
-        return devices
+        if self.config.use == "auto":
+            return devices
+        check_use(self.config.use, len(devices), self._visible)
+        return [devices[i] for i in dict.fromkeys(self.config.use)]
+
+    def _no_cuda_reason(self, view: CudaView, inventory: list[NvmlDevice]) -> str:
+        if not self.nvml.available:
+            return self.nvml.reason or "NVML unavailable"
+        gpus = sum(1 for d in inventory if d.mig_index is None)
+        if not gpus:
+            return "NVML reports no GPUs"
+        return f"{view.reason}; NVML sees {gpus} GPU(s)"
 
     def _cpu_device(self) -> Device:
         return Device(0, "cpu", cpu_name(), cpu_budget_mb(self.config))

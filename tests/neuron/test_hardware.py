@@ -7,6 +7,7 @@ No GPU can run here, so NVML and torch's CUDA view are fakes with the shapes the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,3 +270,22 @@ def test_the_real_torch_view_here_says_why_there_is_no_cuda() -> None:
     found = torch_cuda_view()
     assert found.uuids == []
     assert found.reason
+
+
+def test_neuron_refuses_to_start_on_devices_this_host_lacks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "neuron.toml"
+    config.write_text("default_models = []\n[devices]\nuse = [0]\n")
+    from tests.support.procs import free_port
+
+    args = [sys.executable, "-m", "cortex.cli.neuron_cmd", "serve", "--config", str(config)]
+    args += ["--listen", f"127.0.0.1:{free_port()}"]
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a cuda:0")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "neuron: devices.use = [0], but" in done.stderr

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.conftest import StartFake, StartGateway, chat, fake_log
+from tests.support.gateway_client import StartFake, StartGateway, chat, fake_log
 
 CASES: list[tuple[str, bytes, int, str, str | None]] = [
     ("malformed JSON", b'{"model": "m", "messages": [', 400, "invalid_json", None),

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.gateway.conftest import StartFake, StartGateway, fake_log, loads_on, models_toml
+from tests.support.gateway_client import StartFake, StartGateway, fake_log, loads_on, models_toml
 from tests.support.gateway_procs import GatewayDaemon
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.gateway.conftest import StartFake, StartGateway, chat, fake_log, loads_on, metric_value, models_toml
+from tests.support.gateway_client import StartFake, StartGateway, chat, fake_log, loads_on, metric_value, models_toml
 from tests.support.gateway_procs import eventually
 
 # One device with room for two 4 GB models.

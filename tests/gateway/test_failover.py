@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.gateway.conftest import StartFake, StartGateway, chat, loads_on, models_toml
+from tests.support.gateway_client import StartFake, StartGateway, chat, loads_on, models_toml
 from tests.support.gateway_procs import eventually
 from tests.support.procs import free_port, get_json
 

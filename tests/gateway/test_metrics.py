@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from tests.gateway.conftest import StartFake, StartGateway, chat, chat_body, metric_value, models_toml
-from tests.gateway.test_streaming import read_events
+from tests.support.gateway_client import (
+    StartFake,
+    StartGateway,
+    chat,
+    chat_body,
+    metric_value,
+    models_toml,
+    read_events,
+)
 
 
 async def test_metrics_cover_requests_tokens_timing_lifecycle_and_fleet(

@@ -15,8 +15,15 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.conftest import StartGateway, chat, chat_body, metric_value, models_toml, replica_nodes
-from tests.gateway.test_streaming import read_events
+from tests.support.gateway_client import (
+    StartGateway,
+    chat,
+    chat_body,
+    metric_value,
+    models_toml,
+    read_events,
+    replica_nodes,
+)
 from tests.support.gateway_procs import eventually, wait_until
 from tests.support.procs import Daemon, free_port, get_json, run_neuron
 
@@ -105,8 +112,9 @@ async def test_least_busy_spreads_requests_over_replicas(
             assert resp.status == 202
     await eventually(lambda: replica_nodes(gateway, "t1") == {"a": "loaded", "b": "loaded"})
     before = {name: admitted(d, "t1") for name, d in neurons.items()}
-    for _ in range(4):
-        assert (await chat(http, gateway, "t1", max_tokens=2))[0] == 200
+    for i in range(4):  # distinct conversations: no prefix affinity between them
+        messages = [{"role": "user", "content": f"question {i}"}]
+        assert (await chat(http, gateway, "t1", max_tokens=2, messages=messages))[0] == 200
     assert {name: admitted(d, "t1") - before[name] for name, d in neurons.items()} == {"a": 2, "b": 2}
 
 

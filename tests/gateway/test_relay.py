@@ -14,7 +14,7 @@ from cortex.core.gateway_config import GatewayConfig, fleet_config_from
 from cortex.core.logs import request_id_var
 from cortex.gateway.relay import chunks
 from cortex.gateway.runtime import Gateway
-from tests.gateway.conftest import StartFake, fake_log, metric_value
+from tests.support.gateway_client import StartFake, fake_log, metric_value
 from tests.support.gateway_procs import eventually
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from tests.gateway.conftest import (
+from tests.support.gateway_client import (
     StartFake,
     StartGateway,
     chat,
@@ -32,12 +32,39 @@ async def test_least_busy_replica_wins(start_fake: StartFake, start_gateway: Sta
     await asyncio.sleep(0.5)  # two poll intervals
     answers = [(await chat(http, gateway, "m"))[1]["choices"][0]["message"]["content"] for _ in range(4)]
     assert answers == ["hello from a"] * 4
-    # Equally idle replicas share the work.
+    # Equally idle replicas share the work (distinct conversations: no prefix affinity between them).
     async with http.post(f"{b.url}/_fake/set", json={"in_flight": {"m": 0}}):
         pass
     await asyncio.sleep(0.5)
-    answers = {(await chat(http, gateway, "m"))[1]["choices"][0]["message"]["content"] for _ in range(4)}
+    answers = set()
+    for i in range(4):
+        _, body, _ = await chat(http, gateway, "m", messages=[{"role": "user", "content": f"question {i}"}])
+        answers.add(body["choices"][0]["message"]["content"])
     assert answers == {"hello from a", "hello from b"}
+
+
+async def test_a_conversation_returns_to_the_replica_that_served_its_prefix(
+    start_fake: StartFake, start_gateway: StartGateway, http
+) -> None:
+    a = start_fake("a", devices=GPU, preloaded=["m"])
+    b = start_fake("b", devices=GPU, preloaded=["m"])
+    gateway = start_gateway({"a": a, "b": b})
+    system = {"role": "system", "content": "You plan trips."}
+    history = [system, {"role": "user", "content": "Plan a week in Rome."}]
+    _, first, _ = await chat(http, gateway, "m", messages=history)
+    served = first["choices"][0]["message"]["content"]
+    for turn in range(3):
+        # Each later turn of the conversation starts with the same tools, system and first message.
+        history = [*history, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": f"More {turn}"}]
+        _, reply, _ = await chat(http, gateway, "m", messages=history)
+        assert reply["choices"][0]["message"]["content"] == served
+    # Another conversation has no affinity: it goes to the least recently used of the idle replicas.
+    _, other, _ = await chat(http, gateway, "m", messages=[system, {"role": "user", "content": "Plan Oslo."}])
+    assert other["choices"][0]["message"]["content"] != served
+    # A different tool list is a different prefix too (it is rendered before the messages).
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    _, tooled, _ = await chat(http, gateway, "m", messages=history[:2], tools=tools)
+    assert tooled["choices"][0]["message"]["content"] == served  # the least recently used again
 
 
 async def test_a_model_loaded_elsewhere_is_routed_there_not_loaded_twice(

@@ -7,25 +7,11 @@ import contextlib
 from typing import Any
 
 import aiohttp
-import orjson
 
-from tests.gateway.conftest import StartFake, StartGateway, chat_body, fake_log, models_toml
+from tests.support.gateway_client import StartFake, StartGateway, chat_body, fake_log, models_toml, read_events
 from tests.support.gateway_procs import GatewayDaemon, eventually
 
 GPU = [{"vram_total_mb": 10000}]
-
-
-async def read_events(resp: aiohttp.ClientResponse) -> list[Any]:
-    """Every SSE event: comments as ':…' strings, data as decoded JSON or '[DONE]'."""
-    events: list[Any] = []
-    async for raw in resp.content:
-        line = raw.decode().rstrip("\n")
-        if line.startswith(":"):
-            events.append(line)
-        elif line.startswith("data: "):
-            data = line[6:]
-            events.append(data if data == "[DONE]" else orjson.loads(data))
-    return events
 
 
 async def stream(http: aiohttp.ClientSession, gateway: GatewayDaemon, model: str, **extra: Any) -> list[Any]:

@@ -55,9 +55,13 @@ async def test_prompt_longer_than_context(neuron: Daemon, http: aiohttp.ClientSe
 
 
 async def test_absurd_max_tokens_is_clipped(neuron: Daemon, http: aiohttp.ClientSession) -> None:
-    body = {"model": TINY, "messages": HELLO, "max_tokens": 10_000_000, "stop": ["e"], "temperature": 0}
-    status, reply = await post(http, neuron.url, "/v1/chat/completions", body)
+    """max_tokens far past the context is clipped to what the context leaves, not refused: 8 tokens here."""
+    prompt = [17] * (1024 - 8)
+    body = {"model": TINY, "prompt": prompt, "max_tokens": 10_000_000, "temperature": 0}
+    status, reply = await post(http, neuron.url, "/v1/completions", body)
     assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] == 1024 - 8
+    assert (reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]) == (8, "length")
 
 
 async def test_unknown_fields_are_ignored(neuron: Daemon, http: aiohttp.ClientSession) -> None:

@@ -14,6 +14,11 @@ from tests.support.sse import sse_events
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
+def counts(usage: dict[str, Any]) -> dict[str, int]:
+    """The token counts of a usage; how much of the prompt the prefix cache served may differ between runs."""
+    return {key: usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 async def chat(http: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, dict[str, Any]]:
     async with http.post(f"{url}/v1/chat/completions", json={"model": TINY, **body}) as resp:
         return resp.status, await resp.json()
@@ -48,7 +53,7 @@ async def test_stream_matches_non_stream_and_ends_with_usage(neuron: Daemon, htt
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert [c["choices"][0]["finish_reason"] for c in finals] == ["length"]
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == whole["usage"]
+    assert counts(chunks[-1]["usage"]) == counts(whole["usage"])
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk(neuron: Daemon, http: aiohttp.ClientSession) -> None:
@@ -97,7 +102,7 @@ async def test_concurrent_greedy_requests_match_serial(neuron: Daemon, http: aio
     )
     for (_, alone), (_, concurrent) in zip(serial, together, strict=True):
         assert concurrent["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
-        assert concurrent["usage"] == alone["usage"]
+        assert counts(concurrent["usage"]) == counts(alone["usage"])
 
 
 async def test_health_answers_fast_during_long_generation(neuron: Daemon, http: aiohttp.ClientSession) -> None:
@@ -115,3 +120,28 @@ async def test_health_answers_fast_during_long_generation(neuron: Daemon, http: 
     status, body = await generation
     assert status == 200 and body["usage"]["completion_tokens"] > 100
     assert answered >= 5  # counted, not timed: latency figures belong to benchmarks
+
+
+async def test_a_repeated_prompt_reports_its_cached_tokens(neuron: Daemon, http: aiohttp.ClientSession) -> None:
+    """The prefix cache serves a prompt seen before: usage.prompt_tokens_details.cached_tokens says how much."""
+    messages = [{"role": "user", "content": "Cache me if you can. " * 12}]
+    _, first = await chat(http, neuron.url, messages=messages, max_tokens=2, temperature=0)
+    _, again = await chat(http, neuron.url, messages=messages, max_tokens=2, temperature=0)
+    prompt = again["usage"]["prompt_tokens"]
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] == prompt
+    assert 0 < cached < prompt  # the last prompt token is always computed: it yields the first logits
+    request = {"model": TINY, "messages": messages, "max_tokens": 2, "stream": True}
+    request["stream_options"] = {"include_usage": True}
+    async with http.post(f"{neuron.url}/v1/chat/completions", json=request) as resp:
+        events = await sse_events(resp)
+    assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    async with http.post(
+        f"{neuron.url}/v1/completions", json={"model": TINY, "prompt": "Cache me if you can. " * 12, "max_tokens": 2}
+    ) as resp:
+        text = await resp.json()
+    async with http.post(
+        f"{neuron.url}/v1/completions", json={"model": TINY, "prompt": "Cache me if you can. " * 12, "max_tokens": 2}
+    ) as resp:
+        text = await resp.json()
+    assert text["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

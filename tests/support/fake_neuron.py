@@ -8,8 +8,8 @@ out-of-memory, recovering models, streams that die half-way or hang. Run it as a
 
 Spec (JSON): `name`, `devices` ([{vram_total_mb, kind?, name?}]), `sizes` ({model_id: MB}),
 `default_size_mb`, `load_delay_s`, `preloaded` ([model_id] or [{model_id, device}]), `fail_loads`
-([model_id]), `context` (tokens), `tool_call` (bool), `retry_after_s` (of scripted errors), `stream_events`, `event_interval_s`, and
-`replies`: what generation answers,
+([model_id]), `context` (tokens), `tool_call` (bool), `retry_after_s` (of scripted errors),
+`stream_events`, `event_interval_s`, and `replies`: what generation answers,
 
 - `"tokens"` (default): "hello from <name>", or streamed as `stream_events` chunks "tok0 ", …;
   usage 7 prompt tokens, one completion token per event;

@@ -76,6 +76,12 @@ class GatewaySection(_Strict):
     metrics_key: str | None = None  # when set, /metrics needs `Authorization: Bearer` it (or the admin key)
     keepalive_interval_s: float = Field(default=5.0, gt=0)  # SSE comments to streams waiting on a cold load
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # A neuron that stops answering (docs/reliability.md): a stream silent this long (first byte included)
+    # ends with an error event; a non-streamed answer (sent whole when generation ends) gets this long.
+    stream_idle_timeout_s: float = Field(default=120.0, gt=0)
+    first_byte_timeout_s: float = Field(default=600.0, gt=0)
+    # A client that stops reading its stream is cut off once a write has waited this long (nothing stays pinned).
+    client_write_timeout_s: float = Field(default=30.0, gt=0)
     retry_after_s: float = Field(default=10.0, gt=0)  # Retry-After for recovering models and a full fleet
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

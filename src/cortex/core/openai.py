@@ -6,7 +6,6 @@ Responses are built as plain dicts on the hot path (see the `*_chunk`/`*_respons
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -70,7 +69,7 @@ class SamplingFields(_Lenient):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)  # beyond any vocabulary; int64 on the device
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what a torch generator accepts
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -119,16 +118,18 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI `usage`; `cached_tokens`: prompt tokens served from the prefix cache (included in `prompt_tokens`)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """The prompt tokens a usage says were served from the prefix cache (0 when it does not say)."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0

@@ -23,6 +23,7 @@ from cortex.core.gateway_config import FleetConfig, exposure_warnings, parse_lis
 from cortex.core.logs import log_event
 from cortex.core.secrets import KeySet
 from cortex.gateway import admin, dashboard, listing
+from cortex.gateway.client_stream import WRITE_TIMEOUT
 from cortex.gateway.dialects.anthropic import routes as anthropic_routes
 from cortex.gateway.dialects.openai import routes as openai_routes
 from cortex.gateway.dialects.responses import routes as responses_routes
@@ -37,6 +38,7 @@ log = logging.getLogger("cortex.gateway")
 def build_app(gw: Gateway) -> web.Application:
     limit = gw.config.max_body_bytes
     app = web.Application(client_max_size=limit, middlewares=[request_pipeline(gw.auth)])
+    app[WRITE_TIMEOUT] = gw.config.client_write_timeout_s
     # Routes match the path only, so Claude Code's `/v1/messages?beta=true` lands on /v1/messages.
     openai_routes.setup(app, gw.relay)  # POST /v1/chat/completions, /v1/completions (pass-through)
     anthropic_routes.setup(app, gw.relay)  # POST /v1/messages, /v1/messages/count_tokens

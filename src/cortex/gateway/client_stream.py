@@ -3,6 +3,10 @@
 A stream's headers (`SSE_HEADERS`, the request id) go out on its first write: the first event, or
 the first keep-alive while a cold load runs. `idle()` writes the stream's keep-alive frame (an SSE
 comment, or a dialect's own ping event) and starts the stream first if needed.
+
+A client that stops reading fills its socket and then a write waits; once one has waited
+`gateway.client_write_timeout_s` the connection is cut (ConnectionResetError), which ends the
+relay, which aborts the neuron's connection and so the generation: nothing stays pinned.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from aiohttp import web
 
 from cortex.core.logs import REQUEST_ID_HEADER, request_id_var
 from cortex.core.sse import KEEPALIVE, SSE_HEADERS
+
+WRITE_TIMEOUT: web.AppKey[float] = web.AppKey("client_write_timeout_s", float)
+DEFAULT_WRITE_TIMEOUT_S = 30.0
 
 
 class ClientStream:
@@ -38,7 +45,13 @@ class ClientStream:
 
     async def write(self, data: bytes) -> None:
         if data:
-            await self.response.write(data)
+            limit = self.request.config_dict.get(WRITE_TIMEOUT, DEFAULT_WRITE_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(self.response.write(data), limit)
+            except TimeoutError:
+                if self.request.transport is not None:
+                    self.request.transport.abort()
+                raise ConnectionResetError(f"the client read nothing for {limit:g} s") from None
             self.last_write = asyncio.get_running_loop().time()
 
     async def idle(self) -> None:

@@ -190,8 +190,10 @@ class Loader:
         except NeuronRefused as exc:
             if exc.status == 409:  # already loading there: follow it like our own
                 return
+            # A 4xx is about the request (a bad source, a path outside model_roots): the caller's to fix.
+            status = exc.status if 400 <= exc.status < 500 else 502
             raise ApiError(
-                502, f"neuron '{node.name}' refused to load '{spec.id}': {exc}", code="load_refused"
+                status, f"neuron '{node.name}' refused to load '{spec.id}': {exc}", code="load_refused"
             ) from None
         except NeuronUnreachable as exc:
             raise ApiError(502, str(exc), code="upstream_unreachable") from None

@@ -9,8 +9,8 @@ What it does, once for every caller (the OpenAI pass-through and the dialect rou
 
 - resolves the client's model name (an alias becomes the model id; 400/404 otherwise);
 - routes and connects through `Upstream` (a cold load first when needed, `keepalive` awaited
-  while it runs; a refused connection retried on another replica; the in-flight lease held until
-  the answer is read);
+  while it runs; a chat preferably to the replica that served its prompt prefix; a refused
+  connection retried on another replica; the in-flight lease held until the answer is read);
 - asks every stream for usage (`stream_options.include_usage`, set here and nowhere else);
 - reads a stream one whole event at a time and lets the request's record observe each (usage,
   first token, inter-token gaps); `[DONE]` ends the iteration;
@@ -39,6 +39,7 @@ from cortex.core.errors import ApiError
 from cortex.core.logs import request_id_var
 from cortex.core.sse import EVENT_END, event_data
 from cortex.gateway.accounting import Accounting, RequestRecord, error_type
+from cortex.gateway.affinity import prefix_key
 from cortex.gateway.neuron_client import describe
 from cortex.gateway.router import KeepAlive, Router
 from cortex.gateway.upstream import STREAM_ERRORS, Exchange, Upstream, upstream_error
@@ -49,6 +50,8 @@ CLIENT_CLOSED = 499
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 Check = Callable[[], object]
+# Generation requests are routed with prefix affinity (a token count warms no cache).
+CHAT_PATH = "/v1/chat/completions"
 
 
 def stream_body(body: dict[str, Any], model_id: str) -> dict[str, Any]:
@@ -123,7 +126,10 @@ class Relay:
             if check is not None:
                 check()
             payload = raw if raw is not None and model_id == model else orjson.dumps({**body, "model": model_id})
-            exchange = await self.upstream.open(model_id, path, payload, record, request_id_var.get(), keepalive)
+            prefix = prefix_key(body) if path == CHAT_PATH else None
+            exchange = await self.upstream.open(
+                model_id, path, payload, record, request_id_var.get(), keepalive, prefix
+            )
             data = await exchange.read()
             reply = Reply(exchange.response.status, data, exchange.response.headers)
             status = reply.status
@@ -189,8 +195,9 @@ class RelayStream:
             if self.check is not None:
                 self.check()
             payload = orjson.dumps(stream_body(self.body, model_id))
+            prefix = prefix_key(self.body) if self.path == CHAT_PATH else None
             self.exchange = await self.relay.upstream.open(
-                model_id, self.path, payload, self.record, request_id_var.get(), self.keepalive
+                model_id, self.path, payload, self.record, request_id_var.get(), self.keepalive, prefix, stream=True
             )
             response = self.exchange.response
             if response.status != 200:

@@ -1,9 +1,14 @@
 """Routing a request to a replica (docs/gateway.md, "Routing a request").
 
-1. Resolve an alias. 2. Loaded on a healthy node → the replica with the fewest in-flight + queued
-requests. 3. Recovering (or poisoned, which its neuron is recovering) somewhere → 503 with
-Retry-After, no duplicate load. 4. Loading somewhere → wait for that load. 5. In the catalogue →
-cold-load it (single-flight, see loader.py) and route there. 6. Otherwise 404 `model_not_found`.
+1. Resolve an alias.
+2. Loaded on a healthy node → the replica with the fewest in-flight + queued requests, or the one
+   that recently served the request's prompt prefix when it is not much busier (affinity.py: its
+   prefix cache holds that prompt's beginning).
+3. Recovering (or poisoned, which its neuron is recovering) somewhere → 503 with Retry-After, no
+   duplicate load.
+4. Loading somewhere → wait for that load.
+5. In the catalogue → cold-load it (single-flight, see loader.py) and route there.
+6. Otherwise 404 `model_not_found`.
 
 Picking a replica and counting the request on it happen without an await in between, so the
 evictor, which refuses replicas with requests in flight, can never race a request onto a victim.
@@ -16,6 +21,7 @@ import time
 from cortex.core.catalogue import Catalogue
 from cortex.core.errors import ApiError, model_not_found
 from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
+from cortex.gateway.affinity import Affinity
 from cortex.gateway.keepalive import OnIdle, with_keepalive
 from cortex.gateway.loader import Loader, LoadJob
 from cortex.gateway.state import FleetState, Node, Replica
@@ -24,6 +30,8 @@ KeepAlive = OnIdle
 
 # After a load finishes, the model can be gone again before we route (evicted, crashed): retry this often.
 _ROUTE_ATTEMPTS = 3
+# A replica that served a request's prefix is preferred unless it has this many more requests than the least busy.
+AFFINITY_SLACK = 4
 
 
 class Lease:
@@ -54,6 +62,7 @@ class Router:
         self.loader = loader
         self.retry_after_s = retry_after_s
         self.keepalive_interval_s = keepalive_interval_s
+        self.affinity = Affinity()
         # Plain dicts: resolving runs on every request, and pydantic attribute access is slow.
         self._aliases = dict(catalogue.aliases)
         self._catalogued = set(catalogue.ids())
@@ -69,19 +78,35 @@ class Router:
                 return model_id
         raise model_not_found(name)
 
-    def pick(self, model_id: str, exclude: frozenset[str] | set[str] = frozenset()) -> Lease | None:
-        """The least busy loaded replica on a healthy node, counted; None when there is none."""
+    def pick(
+        self, model_id: str, exclude: frozenset[str] | set[str] = frozenset(), prefix: bytes | None = None
+    ) -> Lease | None:
+        """A loaded replica on a healthy node, counted; None when there is none.
+
+        The least busy, unless the replica that served this prompt prefix recently (`prefix`, see
+        affinity.py) is not much busier: its neuron holds that prefix's KV blocks already.
+        """
         best: Replica | None = None
         best_node: Node | None = None
+        preferred = self.affinity.node_for(model_id, prefix) if prefix is not None else None
+        warm: tuple[Node, Replica] | None = None
         for node in self.state.nodes.values():
             if not node.healthy or node.name in exclude:
                 continue
             replica = node.replicas.get(model_id)
             if replica is None or not replica.routable:
                 continue
+            if node.name == preferred:
+                warm = (node, replica)
             if best is None or (replica.busy(), replica.last_used) < (best.busy(), best.last_used):
                 best, best_node = replica, node
-        return None if best is None or best_node is None else Lease(best_node, best)
+        if best is None or best_node is None:
+            return None
+        if warm is not None and warm[1].busy() <= best.busy() + AFFINITY_SLACK:
+            best_node, best = warm
+        if prefix is not None:
+            self.affinity.remember(model_id, prefix, best_node.name)
+        return Lease(best_node, best)
 
     async def route(
         self,
@@ -89,9 +114,10 @@ class Router:
         *,
         keepalive: KeepAlive | None = None,
         exclude: frozenset[str] | set[str] = frozenset(),
+        prefix: bytes | None = None,
     ) -> Lease:
         """A lease on a replica of `model_id`, cold-loading it first when needed (see module doc)."""
-        lease = self.pick(model_id, exclude)
+        lease = self.pick(model_id, exclude, prefix)
         if lease is not None:
             return lease
         for _ in range(_ROUTE_ATTEMPTS):
@@ -101,7 +127,7 @@ class Router:
             else:
                 # The load goes on when this wait ends early (job.wait is shielded): the next request uses it.
                 await with_keepalive(job.wait(), self.keepalive_interval_s, keepalive, at_start=True)
-            lease = self.pick(model_id, exclude)
+            lease = self.pick(model_id, exclude, prefix)
             if lease is not None:
                 return lease
         raise ApiError(

@@ -36,7 +36,7 @@ log = logging.getLogger("cortex.gateway")
 _POOL_LIMIT = 4096
 _KEEPALIVE_S = 30.0
 # SSE events and response bodies can be large (long tool-call arguments): allow big reads.
-READ_BUFSIZE = 1 << 20
+READ_BUFSIZE = 1 << 16  # also what a stream pins while its client does not read: small (events may be larger)
 _PINNED_RETRY_S = 60.0
 
 
@@ -89,7 +89,15 @@ class Gateway:
             self.state, self.session, self.placer, self.evictor, self.poller, self.metrics, self.load, cfg.retry_after_s
         )
         self.router = Router(self.state, self.catalogue, self.loader, cfg.retry_after_s, cfg.keepalive_interval_s)
-        upstream = Upstream(self.router, self.session, self.poller.probe, self.state.nodes, cfg.connect_timeout_s)
+        upstream = Upstream(
+            self.router,
+            self.session,
+            self.poller.probe,
+            self.state.nodes,
+            cfg.connect_timeout_s,
+            first_byte_timeout_s=cfg.first_byte_timeout_s,
+            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+        )
         self.relay = Relay(self.router, upstream, self.accounting, cfg.keepalive_interval_s)
         if self.load.preload_pinned:
             self.poller.after_poll = self._load_pinned

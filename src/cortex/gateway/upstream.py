@@ -11,6 +11,12 @@ the body (read it whole, relay its events) is relay.py's. Built from its collabo
 A connection failure before the neuron saw the request is retried on another replica (or after a
 cold load elsewhere): inference has no side effects. The failed node is probed, and routed around
 when the probe fails too (docs/gateway.md, "Routing a request").
+
+Per-phase timeouts (docs/reliability.md): connecting (`connect_timeout_s`); the answer's first byte
+and, for a stream, every gap between its bytes (`stream_idle_timeout_s`); a whole non-streamed
+answer, which arrives at once when generation ends (`first_byte_timeout_s`). A neuron that does not
+answer in time is probed and the request tried on another replica, else 504 `upstream_timeout`; a
+stream that goes silent ends with a `stream_interrupted` error event.
 """
 
 from __future__ import annotations
@@ -92,12 +98,21 @@ class Upstream:
         probe: Probe,
         nodes: dict[str, Node],
         connect_timeout_s: float,
+        *,
+        first_byte_timeout_s: float | None = None,
+        stream_idle_timeout_s: float | None = None,
     ) -> None:
         self.router = router
         self.session = session
         self.probe = probe
         self.nodes = nodes
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=first_byte_timeout_s
+        )
+        # sock_read bounds the wait for the headers and then every gap between bytes of the stream.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=stream_idle_timeout_s
+        )
         self._urls: dict[tuple[str, str], URL] = {}
         self._headers = {n.name: {"Content-Type": "application/json", **n.auth_headers()} for n in nodes.values()}
 
@@ -109,20 +124,37 @@ class Upstream:
         record: RequestRecord,
         request_id: str,
         keepalive: KeepAlive | None = None,
+        prefix: bytes | None = None,
+        *,
+        stream: bool = False,
     ) -> Exchange:
-        """Route (cold-loading if needed) and send; returns once the neuron's response headers arrived."""
+        """Route (cold-loading if needed) and send; returns once the neuron's response headers arrived.
+
+        `prefix`: the key of the prompt's stable beginning, for prefix affinity (affinity.py).
+        """
         excluded: set[str] = set()
         failures: list[str] = []
+        timeout = self._stream_timeout if stream else self._timeout
         while True:
-            lease = await self._route(model_id, keepalive, excluded, failures)
+            lease = await self._route(model_id, keepalive, excluded, failures, prefix)
             node = lease.node
             record.node = node.name
             headers = {**self._headers[node.name], REQUEST_ID_HEADER: request_id}
             try:
                 response = await self.session.post(
-                    self._url(node.endpoint, path), data=payload, headers=headers, timeout=self._timeout
+                    self._url(node.endpoint, path), data=payload, headers=headers, timeout=timeout
                 )
                 return Exchange(lease, response)
+            except TimeoutError as exc:  # aiohttp's ServerTimeoutError: no connection, or no answer, in time
+                lease.release()
+                connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
+                waited = timeout.sock_connect if connecting else timeout.sock_read
+                failures.append(f"neuron '{node.name}' did not answer within {waited:g} s")
+                log_event(log, "upstream.timeout", logging.WARNING, node=node.name, waited_s=waited)
+                excluded.add(node.name)  # never the same node twice; the probe marks a hung one unhealthy
+                await self.probe(node)
+                if len(excluded) >= len(self.nodes):
+                    raise ApiError(504, "; ".join(failures), code="upstream_timeout", retry_after=5) from None
             except CONNECTION_ERRORS as exc:
                 lease.release()
                 failures.append(f"neuron '{node.name}' is unreachable: {describe(exc)}")
@@ -145,12 +177,17 @@ class Upstream:
         return url
 
     async def _route(
-        self, model_id: str, keepalive: KeepAlive | None, excluded: set[str], failures: list[str]
+        self,
+        model_id: str,
+        keepalive: KeepAlive | None,
+        excluded: set[str],
+        failures: list[str],
+        prefix: bytes | None,
     ) -> Lease:
         if not failures:
-            return await self.router.route(model_id, keepalive=keepalive)
+            return await self.router.route(model_id, keepalive=keepalive, prefix=prefix)
         try:
-            return await self.router.route(model_id, keepalive=keepalive, exclude=excluded)
+            return await self.router.route(model_id, keepalive=keepalive, exclude=excluded, prefix=prefix)
         except ApiError as err:
             # The client asked a neuron that is gone: say so, with why no other could step in.
             message = f"{'; '.join(failures)}; no other replica could take the request: {err.message}"

@@ -37,6 +37,7 @@ from cortex.neuron.engine import Engine
 from cortex.neuron.hardware import Hardware
 from cortex.neuron.inference import Inference
 from cortex.neuron.lifecycle import Lifecycle
+from cortex.neuron.requests import RequestMapper
 from cortex.neuron.versions import version_info
 
 log = logging.getLogger("cortex.neuron.app")
@@ -53,6 +54,7 @@ class NeuronState:
         self.config = config
         self.hardware = hardware
         self.lifecycle = Lifecycle(config, hardware, engine)
+        self.requests = RequestMapper(self.lifecycle)
         self.inference = Inference(self.lifecycle)
         self.started = time.monotonic()
 
@@ -227,20 +229,20 @@ async def post_fault(request: web.Request) -> web.Response:
 async def post_chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req = await parse_body(request, ChatCompletionRequest)
-    return await state.inference.run(await state.inference.chat_job(req), request)
+    return await state.inference.run(await state.requests.chat_job(req), request)
 
 
 async def post_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req = await parse_body(request, CompletionRequest)
-    return await state.inference.run(await state.inference.text_job(req), request)
+    return await state.inference.run(await state.requests.text_job(req), request)
 
 
 async def post_tokenize(request: web.Request) -> web.Response:
     """Prompt tokens of a chat request, with the model's own tokenizer and template."""
     state = request.app[STATE]
     req = await parse_body(request, ChatCompletionRequest)
-    return json_response(TokenCount(model=req.model, prompt_tokens=await state.inference.count_chat_tokens(req)))
+    return json_response(TokenCount(model=req.model, prompt_tokens=await state.requests.count_chat_tokens(req)))
 
 
 async def not_found(request: web.Request) -> web.Response:

@@ -33,7 +33,9 @@ async def serve(config: NeuronConfig) -> None:
     hardware = Hardware(config.devices)
     cpu = next((d for d in hardware.devices if d.kind == "cpu"), None)  # its KV pool is a share of this budget
     kv_budget = KVBudget(cpu_budget_bytes=cpu.vram_total_mb * 2**20 if cpu is not None else None)
-    engine = Engine([d.torch_name for d in hardware.devices], kv_budget=kv_budget)
+    engine = Engine(
+        [d.torch_name for d in hardware.devices], kv_budget=kv_budget, cuda_graphs=config.engine.cuda_graphs
+    )
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request
     host, port = parse_listen(config.listen)
@@ -61,7 +63,7 @@ async def serve(config: NeuronConfig) -> None:
         log_event(log, "neuron.stopping")
         await runner.cleanup()
         await state.lifecycle.close()
-        state.inference.close()
+        state.requests.close()
         log_event(log, "neuron.stopped")
 
 

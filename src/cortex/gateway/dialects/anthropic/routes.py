@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cortex.core.anthropic import parse_count_tokens_request, parse_messages_request
 from cortex.core.errors import ApiError
-from cortex.core.translate_anthropic import AnthropicStream, error_event, ping_event, to_anthropic_message
-from cortex.core.translate_anthropic import to_chat_request as chat_body
 from cortex.gateway.bodies import json_response, read_json
+from cortex.gateway.dialects.anthropic.reply import to_anthropic_message
+from cortex.gateway.dialects.anthropic.request import parse_count_tokens_request, parse_messages_request
+from cortex.gateway.dialects.anthropic.stream import AnthropicStream, error_event, ping_event
+from cortex.gateway.dialects.anthropic.to_chat import to_chat_request as chat_body
 from cortex.gateway.dialects.translated_stream import CHAT_PATH, TranslatedStream
 from cortex.gateway.pipeline import Dialect, endpoint
 from cortex.gateway.relay import Relay

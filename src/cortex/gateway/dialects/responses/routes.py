@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cortex.core.responses import parse_responses_request
-from cortex.core.translate_responses import ResponsesStream, to_response
-from cortex.core.translate_responses import to_chat_request as chat_body
 from cortex.gateway.bodies import json_response, read_json
+from cortex.gateway.dialects.responses.reply import to_response
+from cortex.gateway.dialects.responses.request import parse_responses_request
+from cortex.gateway.dialects.responses.stream import ResponsesStream
+from cortex.gateway.dialects.responses.to_chat import to_chat_request as chat_body
 from cortex.gateway.dialects.translated_stream import CHAT_PATH, TranslatedStream
 from cortex.gateway.pipeline import Dialect, endpoint
 from cortex.gateway.relay import Relay

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from cortex.core.errors import ApiError, model_not_found
-from tests.dialects.replay import ReplayServer, Script, chunk, tool_call_chunks, usage_chunk
+from tests.support.replay_neuron import ReplayServer, Script, chunk, tool_call_chunks, usage_chunk
 
 TOOLS = [
     {

@@ -8,9 +8,11 @@ import pytest
 
 from cortex.core.errors import ApiError
 from cortex.core.openai import ChatCompletionRequest
-from cortex.core.responses import parse_responses_request
-from cortex.core.translate_responses import ResponsesStream, to_chat_request, to_response
-from tests.dialects.schemas import assert_response, assert_responses_event
+from cortex.gateway.dialects.responses.reply import to_response
+from cortex.gateway.dialects.responses.request import parse_responses_request
+from cortex.gateway.dialects.responses.stream import ResponsesStream
+from cortex.gateway.dialects.responses.to_chat import to_chat_request
+from tests.support.dialect_schemas import assert_response, assert_responses_event
 
 WEATHER_TOOL = {
     "type": "function",
@@ -385,3 +387,19 @@ def test_interleaved_function_arguments_fail_loudly() -> None:
     stream.feed(chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}]}))
     with pytest.raises(ApiError):
         stream.feed(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}))
+
+
+def test_cached_prompt_tokens_are_reported_as_cached_input() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi"})
+    reply = chat_completion({"content": "Hello"})
+    reply["usage"]["prompt_tokens_details"] = {"cached_tokens": 16}
+    usage = to_response(reply, req)["usage"]
+    assert (usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]) == (20, 16)
+
+    stream = ResponsesStream(req)
+    stream.start()
+    stream.feed({"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]})
+    usage_chunk = {"prompt_tokens": 20, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 16}}
+    stream.feed({"choices": [], "usage": usage_chunk})
+    done = [data for name, data in stream.finish() if name == "response.completed"]
+    assert done[0]["response"]["usage"]["input_tokens_details"]["cached_tokens"] == 16

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from cortex.core.anthropic import parse_count_tokens_request, parse_messages_request
 from cortex.core.errors import ApiError
 from cortex.core.openai import ChatCompletionRequest
-from cortex.core.translate_anthropic import to_chat_request
-from tests.dialects.claude_code import SYSTEM_BLOCKS, TOOL_NAMES, claude_code_request
+from cortex.gateway.dialects.anthropic.request import parse_count_tokens_request, parse_messages_request
+from cortex.gateway.dialects.anthropic.to_chat import to_chat_request
+from tests.support.claude_code import SYSTEM_BLOCKS, TOOL_NAMES, claude_code_request
 
 
 def translate(**fields: Any) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.dialects.claude_code import CLAUDE_CODE_HEADERS, SYSTEM_BLOCKS, TOOL_NAMES, claude_code_request
-from tests.dialects.schemas import (
+from tests.support.claude_code import CLAUDE_CODE_HEADERS, SYSTEM_BLOCKS, TOOL_NAMES, claude_code_request
+from tests.support.dialect_schemas import (
     assert_anthropic_event,
     assert_anthropic_message,
     assert_response,

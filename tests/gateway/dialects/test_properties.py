@@ -10,11 +10,13 @@ from anthropic.lib.streaming._messages import accumulate_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cortex.core.anthropic import parse_messages_request
 from cortex.core.openai import ChatCompletionRequest
-from cortex.core.translate_anthropic import AnthropicStream, to_anthropic_message, to_chat_request
-from tests.dialects.inverse import canonical, chat_to_anthropic
-from tests.dialects.schemas import assert_anthropic_event, assert_anthropic_message
+from cortex.gateway.dialects.anthropic.reply import to_anthropic_message
+from cortex.gateway.dialects.anthropic.request import parse_messages_request
+from cortex.gateway.dialects.anthropic.stream import AnthropicStream
+from cortex.gateway.dialects.anthropic.to_chat import to_chat_request
+from tests.support.anthropic_inverse import canonical, chat_to_anthropic
+from tests.support.dialect_schemas import assert_anthropic_event, assert_anthropic_message
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,14 +14,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cortex.core.anthropic import parse_messages_request
 from cortex.core.errors import ApiError
-from cortex.core.responses import parse_responses_request
 from cortex.core.sse import SseEvent, encode_event
-from cortex.core.translate_anthropic import AnthropicStream, error_event, ping_event, to_anthropic_message
-from cortex.core.translate_anthropic import to_chat_request as anthropic_to_chat
-from cortex.core.translate_responses import ResponsesStream, to_response
-from cortex.core.translate_responses import to_chat_request as responses_to_chat
+from cortex.gateway.dialects.anthropic.reply import to_anthropic_message
+from cortex.gateway.dialects.anthropic.request import parse_messages_request
+from cortex.gateway.dialects.anthropic.stream import AnthropicStream, error_event, ping_event
+from cortex.gateway.dialects.anthropic.to_chat import to_chat_request as anthropic_to_chat
+from cortex.gateway.dialects.responses.reply import to_response
+from cortex.gateway.dialects.responses.request import parse_responses_request
+from cortex.gateway.dialects.responses.stream import ResponsesStream
+from cortex.gateway.dialects.responses.to_chat import to_chat_request as responses_to_chat
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cortex.core.anthropic import (
+from cortex.gateway.dialects.anthropic.request import (
     DocumentBlock,
     ImageBlock,
     MessagesRequest,

@@ -19,8 +19,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.dialects.claude_code import CLAUDE_CODE_HEADERS, claude_code_request
-from tests.dialects.schemas import assert_anthropic_event, assert_responses_event
+from tests.support.claude_code import CLAUDE_CODE_HEADERS, claude_code_request
+from tests.support.dialect_schemas import assert_anthropic_event, assert_responses_event
 from tests.support.gateway_procs import RealFleet, run_single_model_fleet
 from tests.support.models import build_tiny_model
 

@@ -7,16 +7,10 @@ from typing import Any
 import pytest
 
 from cortex.core.errors import ApiError
-from cortex.core.translate_anthropic import (
-    RAW_ARGUMENTS_KEY,
-    AnthropicStream,
-    error_event,
-    parse_tool_arguments,
-    ping_event,
-    stop_reason,
-    to_anthropic_message,
-)
-from tests.dialects.schemas import assert_anthropic_event, assert_anthropic_message
+from cortex.gateway.dialects.anthropic.reply import parse_tool_arguments, stop_reason, to_anthropic_message
+from cortex.gateway.dialects.anthropic.stream import AnthropicStream, error_event, ping_event
+from cortex.gateway.dialects.anthropic.to_chat import RAW_ARGUMENTS_KEY
+from tests.support.dialect_schemas import assert_anthropic_event, assert_anthropic_message
 
 
 def completion(
@@ -427,3 +421,24 @@ def test_ping_and_error_events() -> None:
     assert error_event(ApiError(429, "busy"))[1]["error"]["type"] == "rate_limit_error"
     assert error_event(ApiError(404, "no such model"))[1]["error"]["type"] == "not_found_error"
     assert error_event(ApiError(502, "neuron died"))[1]["error"]["type"] == "api_error"
+
+
+# ------------------------------------------------------------------------------ prefix cache
+
+
+def test_cached_prompt_tokens_are_cache_reads() -> None:
+    """OpenAI's prompt_tokens include the cached part; Anthropic's input_tokens do not: they add up."""
+    reply = completion({"content": "Hi"}, usage=(100, 3))
+    reply["usage"]["prompt_tokens_details"] = {"cached_tokens": 64}
+    usage = to_anthropic_message(reply, model="m")["usage"]
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (
+        36,
+        64,
+        0,
+    )
+
+    cached = usage_chunk(100, 3)
+    cached["usage"]["prompt_tokens_details"] = {"cached_tokens": 64}
+    events = run_stream([chunk({"content": "Hi"}), chunk({}, "stop"), cached])
+    delta = next(data for name, data in events if name == "message_delta")
+    assert (delta["usage"]["input_tokens"], delta["usage"]["cache_read_input_tokens"]) == (36, 64)

@@ -1,0 +1,157 @@
+"""OpenAI chat completion -> Responses `response` object: output items, status, usage.
+
+Output items are, in order: reasoning (when the model thought), the message, then one
+`function_call` item per tool call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cortex.core.errors import ApiError
+from cortex.core.openai import cached_tokens
+from cortex.gateway.dialects.responses.request import (
+    FunctionTool,
+    ResponsesRequest,
+    TextFormat,
+)
+from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
+
+
+def output_text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [output_text_part(text)] if status == "completed" or text else []
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str = "completed"
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def response_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """Responses usage: `input_tokens` includes the part the prefix cache served (`cached_tokens`)."""
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def response_object(
+    req: ResponsesRequest,
+    *,
+    response_id: str,
+    created_at: int,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """The `response` object, echoing the request's settings as OpenAI does."""
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "error": error,
+        "incomplete_details": incomplete,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "model": model or req.model,
+        "output": output,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": None,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "text": {"format": _echo_format(req)},
+        "tool_choice": _echo_tool_choice(req.tool_choice),
+        "tools": [_echo_tool(t) for t in req.function_tools()],
+        "truncation": "disabled",
+        "usage": usage,
+        "user": req.user,
+        "metadata": req.metadata or {},
+    }
+
+
+def _echo_format(req: ResponsesRequest) -> dict[str, Any]:
+    fmt = req.text.format if req.text and req.text.format else TextFormat()
+    return fmt.model_dump(by_alias=True, exclude_none=True)
+
+
+def _echo_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any]:
+    return "auto" if choice is None else choice
+
+
+def _echo_tool(tool: FunctionTool) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": tool.parameters,
+        "strict": tool.strict,
+    }
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def to_response(response: dict[str, Any], req: ResponsesRequest, *, response_id: str | None = None) -> dict[str, Any]:
+    """A non-streaming chat completion as a Responses `response`."""
+    choice = (response.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    output: list[dict[str, Any]] = []
+    if message.get("reasoning_content"):
+        output.append(reasoning_item(_new_id("rs"), message["reasoning_content"]))
+    text = message.get("content")
+    if text:
+        output.append(message_item(_new_id("msg"), text))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        call_id = call.get("id") or _new_id("call")
+        output.append(
+            function_call_item(_new_id("fc"), call_id, function.get("name", ""), function.get("arguments") or "")
+        )
+    usage = response.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return response_object(
+        req,
+        response_id=response_id or new_response_id(),
+        created_at=response.get("created") or int(time.time()),
+        status=_status(choice.get("finish_reason")),
+        output=output,
+        usage=response_usage(prompt, completion, cached_tokens(usage)),
+    )
+
+
+def response_error(error: ApiError) -> dict[str, Any]:
+    """`response.error` for a failed response; `code` must be one of OpenAI's listed codes."""
+    code = {429: "rate_limit_exceeded", 400: "invalid_prompt"}.get(error.status, "server_error")
+    return {"code": code, "message": error.message}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: Chat chunks -> Responses events
+# ---------------------------------------------------------------------------------------------

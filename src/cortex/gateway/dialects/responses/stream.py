@@ -1,0 +1,249 @@
+"""OpenAI chat chunks -> Responses stream events (`response.created`, output items, deltas, …)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cortex.core.errors import ApiError
+from cortex.core.openai import cached_tokens
+from cortex.core.sse import SseEvent
+from cortex.gateway.dialects.chunk_translator import ChunkTranslator
+from cortex.gateway.dialects.responses.reply import (
+    _status,
+    function_call_item,
+    message_item,
+    output_text_part,
+    reasoning_item,
+    response_error,
+    response_object,
+    response_usage,
+)
+from cortex.gateway.dialects.responses.request import (
+    ResponsesRequest,
+)
+from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
+
+
+class _OpenItem:
+    """The output item being streamed: a message, a reasoning item or a function call."""
+
+    def __init__(self, kind: str, item_id: str, output_index: int) -> None:
+        self.kind = kind
+        self.item_id = item_id
+        self.output_index = output_index
+        self.text: list[str] = []
+        self.call_id = ""
+        self.name = ""
+
+
+class ResponsesStream(ChunkTranslator):
+    """Feeds OpenAI chat chunks (parsed dicts), emits the Responses stream events in the documented
+    order, each with its `sequence_number`:
+
+    `response.created`, `response.in_progress`; per message `response.output_item.added`,
+    `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
+    `response.content_part.done`, `response.output_item.done`; per function call
+    `response.output_item.added`, `response.function_call_arguments.delta`..., `.done`,
+    `response.output_item.done`; and last `response.completed` (or `response.incomplete` when the
+    output hit `max_output_tokens`). Reasoning streams as a `reasoning` item with
+    `response.reasoning_text.delta` events.
+    """
+
+    def __init__(self, req: ResponsesRequest, *, response_id: str | None = None) -> None:
+        self.req = req
+        self.response_id = response_id or new_response_id()
+        self.created_at = int(time.time())
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.model = req.model
+        self._sequence = 0
+        self._started = False
+        self._finished = False
+        self._open: _OpenItem | None = None
+        self._tool_items: dict[int, _OpenItem] = {}
+        self._done_items: list[dict[str, Any]] = []
+        self._finish_reason: str | None = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    def start(self) -> list[SseEvent]:
+        if self._started:
+            return []
+        self._started = True
+        snapshot = self._response("in_progress")
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def _note_usage(self, usage: dict[str, Any]) -> None:
+        self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+        self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+        self.cached_tokens = cached_tokens(usage)
+
+    def finish(self) -> list[SseEvent]:
+        events = self.start()
+        if self._finished:
+            return events
+        events.extend(self._close_open())
+        self._finished = True
+        status = _status(self._finish_reason)
+        usage = response_usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        final = self._response(status, output=self._done_items, usage=usage)
+        events.append(self._event(f"response.{status}", response=final))
+        return events
+
+    def fail(self, error: ApiError) -> list[SseEvent]:
+        """A failure mid-stream: an `error` event, then `response.failed` with what was done."""
+        events = self.start()
+        if self._finished:
+            return events
+        self._finished = True
+        code = error.code or error.type
+        events.append(self._event("error", code=code, message=error.message, param=error.param))
+        failed = self._response("failed", output=self._done_items, error=response_error(error))
+        events.append(self._event("response.failed", response=failed))
+        return events
+
+    # -- chunk handling ----------------------------------------------------------------------
+
+    def _feed_choice(self, choice: dict[str, Any]) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        delta = choice.get("delta") or {}
+        if delta.get("reasoning_content"):
+            events.extend(self._stream_text("reasoning", delta["reasoning_content"]))
+        if delta.get("content"):
+            events.extend(self._stream_text("message", delta["content"]))
+        for fragment in delta.get("tool_calls") or []:
+            events.extend(self._tool_fragment(fragment))
+        if choice.get("finish_reason"):
+            self._finish_reason = choice["finish_reason"]
+            events.extend(self._close_open())
+        return events
+
+    def _stream_text(self, kind: str, text: str) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        item = self._open
+        if item is None or item.kind != kind:
+            events.extend(self._close_open())
+            events.extend(self._add_text_item(kind))
+            item = self._open
+            assert item is not None
+        item.text.append(text)
+        if kind == "message":
+            events.append(self._part_event("response.output_text.delta", item, delta=text, logprobs=[]))
+        else:
+            events.append(self._part_event("response.reasoning_text.delta", item, delta=text))
+        return events
+
+    def _add_text_item(self, kind: str) -> list[SseEvent]:
+        if kind == "message":
+            item = self._open_item(kind, _new_id("msg"))
+            added, part = message_item(item.item_id, "", "in_progress"), output_text_part("")
+        else:
+            item = self._open_item(kind, _new_id("rs"))
+            added, part = reasoning_item(item.item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
+        return [
+            self._event("response.output_item.added", output_index=item.output_index, item=added),
+            self._part_event("response.content_part.added", item, part=part),
+        ]
+
+    def _tool_fragment(self, fragment: dict[str, Any]) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        index = fragment.get("index", len(self._tool_items))
+        function = fragment.get("function") or {}
+        item = self._tool_items.get(index)
+        if item is None:
+            events.extend(self._close_open())
+            item = self._open_item("function_call", _new_id("fc"))
+            item.call_id = fragment.get("id") or _new_id("call")
+            item.name = function.get("name") or ""
+            self._tool_items[index] = item
+            added = function_call_item(item.item_id, item.call_id, item.name, "", "in_progress")
+            events.append(self._event("response.output_item.added", output_index=item.output_index, item=added))
+        elif item is not self._open:
+            if function.get("arguments"):
+                raise ApiError(502, "The model's server interleaved the arguments of several tool calls")
+            return events
+        item.name = item.name or function.get("name") or ""
+        arguments = function.get("arguments")
+        if arguments:
+            item.text.append(arguments)
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item.item_id,
+                    output_index=item.output_index,
+                    delta=arguments,
+                )
+            )
+        return events
+
+    # -- items -------------------------------------------------------------------------------
+
+    def _open_item(self, kind: str, item_id: str) -> _OpenItem:
+        self._open = _OpenItem(kind, item_id, len(self._done_items))
+        return self._open
+
+    def _close_open(self) -> list[SseEvent]:
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        text = "".join(item.text)
+        if item.kind == "function_call":
+            done = function_call_item(item.item_id, item.call_id, item.name, text)
+            events = [
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item.item_id,
+                    output_index=item.output_index,
+                    arguments=text,
+                )
+            ]
+        elif item.kind == "message":
+            done = message_item(item.item_id, text)
+            events = [
+                self._part_event("response.output_text.done", item, text=text, logprobs=[]),
+                self._part_event("response.content_part.done", item, part=output_text_part(text)),
+            ]
+        else:
+            done = reasoning_item(item.item_id, text)
+            events = [
+                self._part_event("response.reasoning_text.done", item, text=text),
+                self._part_event("response.content_part.done", item, part={"type": "reasoning_text", "text": text}),
+            ]
+        self._done_items.append(done)
+        events.append(self._event("response.output_item.done", output_index=item.output_index, item=done))
+        return events
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _event(self, name: str, **fields: Any) -> SseEvent:
+        data = {"type": name, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return name, data
+
+    def _part_event(self, name: str, item: _OpenItem, **fields: Any) -> SseEvent:
+        return self._event(name, item_id=item.item_id, output_index=item.output_index, content_index=0, **fields)
+
+    def _response(
+        self,
+        status: str,
+        *,
+        output: list[dict[str, Any]] | None = None,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return response_object(
+            self.req,
+            response_id=self.response_id,
+            created_at=self.created_at,
+            status=status,
+            output=list(output or []),
+            usage=usage,
+            error=error,
+            model=self.model,
+        )

@@ -1,0 +1,172 @@
+"""OpenAI Responses request -> OpenAI chat body.
+
+Stateless: every request carries its whole conversation in `input`. `instructions` becomes the
+first system message, verbatim. Function tools change shape (flat in Responses, nested in Chat);
+function calls and their outputs map onto assistant `tool_calls` and `tool` messages, matched by
+`call_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from cortex.core.errors import bad_request
+from cortex.gateway.dialects.responses.request import (
+    ContentPart,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputImage,
+    MessageItem,
+    ReasoningItem,
+    Refusal,
+    ResponsesRequest,
+    TextFormat,
+)
+
+ChatMessage = dict[str, Any]
+Part = dict[str, Any]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def new_response_id() -> str:
+    return _new_id("resp")
+
+
+def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": req.model, "messages": to_chat_messages(req)}
+    tools = [to_chat_tool(t) for t in req.function_tools()]
+    if tools:
+        body["tools"] = tools
+        if req.tool_choice is not None:
+            body["tool_choice"] = to_chat_tool_choice(req.tool_choice)
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    for name in ("temperature", "top_p", "user"):
+        value = getattr(req, name)
+        if value is not None:
+            body[name] = value
+    response_format = to_chat_response_format(req.text.format if req.text else None)
+    if response_format is not None:
+        body["response_format"] = response_format
+    if req.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def to_chat_tool(tool: FunctionTool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def to_chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad_request(f"tool_choice {choice!r} is not one of 'auto', 'none', 'required'", param="tool_choice")
+        return choice
+    kind = choice.get("type")
+    if kind == "function" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if kind == "allowed_tools":
+        # The neuron cannot restrict to a subset; the mode is what it can honour.
+        return "required" if choice.get("mode") == "required" else "auto"
+    raise bad_request(f"tool_choice of type {kind!r} is not supported; use a function tool", param="tool_choice")
+
+
+def to_chat_response_format(fmt: TextFormat | None) -> dict[str, Any] | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    schema: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema_ or {}}
+    if fmt.strict is not None:
+        schema["strict"] = fmt.strict
+    if fmt.description is not None:
+        schema["description"] = fmt.description
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def to_chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
+    messages: list[ChatMessage] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+        return messages
+    reasoning: list[str] = []  # reasoning items wait for the assistant turn they belong to
+    for item in req.input:
+        if isinstance(item, ReasoningItem):
+            reasoning.append(item.text())
+        elif isinstance(item, FunctionCallItem):
+            _append_call(messages, item, reasoning)
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _tool_output(item.output)})
+        elif isinstance(item, MessageItem):
+            messages.append(_message(item, reasoning))
+    return messages
+
+
+def _message(item: MessageItem, reasoning: list[str]) -> ChatMessage:
+    message: ChatMessage = {"role": item.role, "content": _content(item.content)}
+    if item.role == "assistant":
+        _take_reasoning(message, reasoning)
+    return message
+
+
+def _append_call(messages: list[ChatMessage], item: FunctionCallItem, reasoning: list[str]) -> None:
+    """Consecutive function calls (and the assistant text just before them) are one Chat turn."""
+    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant":
+        last = {"role": "assistant", "content": None}
+        messages.append(last)
+    _take_reasoning(last, reasoning)
+    last.setdefault("tool_calls", []).append(call)
+
+
+def _take_reasoning(message: ChatMessage, reasoning: list[str]) -> None:
+    text = "".join(reasoning)
+    reasoning.clear()
+    if text:
+        message["reasoning_content"] = message.get("reasoning_content", "") + text
+
+
+def _part(part: ContentPart) -> Part:
+    if isinstance(part, InputImage):
+        return {"type": "image_url", "image_url": {"url": part.image_url}}
+    if isinstance(part, Refusal):
+        return {"type": "text", "text": part.refusal}
+    return {"type": "text", "text": part.text}
+
+
+def _content(content: str | list[ContentPart]) -> str | list[Part]:
+    """A string stays a string; one text part becomes a string (what every template renders)."""
+    if isinstance(content, str):
+        return content
+    parts = [_part(p) for p in content]
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]
+    return parts
+
+
+def _tool_output(output: str | list[ContentPart]) -> str | list[Part]:
+    content = _content(output)
+    if isinstance(content, list) and any(p["type"] != "text" for p in content):
+        raise bad_request("function_call_output may hold text only", param="input")
+    return content
+
+
+# ---------------------------------------------------------------------------------------------
+# Reply: Chat -> Responses
+# ---------------------------------------------------------------------------------------------

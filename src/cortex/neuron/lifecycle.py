@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cortex.core.errors import ApiError, model_not_found
-from cortex.core.logs import log_event
+from cortex.core.logs import log_event, request_id_var
 from cortex.core.neuron_api import (
     KvStats,
     LoadProgress,
@@ -267,7 +267,9 @@ class Lifecycle:
         if slot.status != ModelStatus.LOADED:
             return
         slot.status, slot.faults = ModelStatus.POISONED, slot.faults + 1
-        slot.error = ModelError(reason="device_fault", message=message)
+        # /models is read by anyone with the token: a reason code and a plain message; the exception stays in the log.
+        public = f"a device fault during generation (request {request_id_var.get()}; details in the neuron's log)"
+        slot.error = ModelError(reason="device_fault", message=public)
         log_event(log, "model.poisoned", logging.ERROR, model=slot.model_id, message=message)
         slot.task = asyncio.create_task(self._recover(slot), name=f"recover:{slot.model_id}")
 

@@ -148,3 +148,18 @@ def test_an_unreachable_hub_fails_a_load_in_one_line_with_the_offline_hint(tmp_p
     line = done.stdout.strip()
     assert "\n" not in line and line.startswith("the Hugging Face hub cannot be reached"), done.stdout + done.stderr
     assert "HF_HUB_OFFLINE=1" in line and "hf download" in line
+
+
+def test_serve_refuses_a_busy_port_in_one_line(busy_port: int, tmp_path: Path) -> None:
+    # run() exports CORTEX_ADMIN_KEY (a CLI client variable): serve must not read it as a config key.
+    config = tmp_path / "cortex.toml"
+    config.write_text(f'[gateway]\nlisten = "127.0.0.1:{busy_port}"\nmetrics_listen = "127.0.0.1:{free_port()}"\n')
+    done = run("cortex_cmd", "serve", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: cortex serve: port {busy_port} (gateway API) is already in use by another process: stop it, "
+        "or choose another port with gateway.listen HOST:PORT"
+    ]
+    done = run("neuron_cmd", "serve", "--listen", f"127.0.0.1:{busy_port}")
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and f"port {busy_port} (neuron)" in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def _main(
     """cortex gateway: one OpenAI/Anthropic API over a fleet of neurons."""
 
 
+CLIENT_VARIABLES = ("CORTEX_URL", "CORTEX_ADMIN_KEY", "CORTEX_API_KEY")  # for `cortex status`, `bench`, …
+
 # Names that major clients resolve themselves (Claude Code's model aliases): a model or alias by one of
 # these names is never reached from that client, so `cortex serve` warns about it.
 CLIENT_RESERVED_NAMES = frozenset({"default", "sonnet", "opus", "haiku", "best", "opusplan", "sonnet[1m]"})
@@ -71,11 +74,24 @@ def serve(
 
     if config is None and Path("cortex.toml").is_file():
         config = Path("cortex.toml")
+    # The CLI's own client variables share the CORTEX_ prefix with config overrides: not config keys.
+    for name in CLIENT_VARIABLES:
+        os.environ.pop(name, None)
     try:
         fleet = load_fleet_config(config)
     except ConfigError as exc:
         err_console.print(f"[red]cortex: configuration error[/red]\n{exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    from cortex.cli.up import check_ports
+
+    section = fleet.gateway.gateway
+    wanted = [(section.listen, "gateway API", "gateway.listen")]
+    if section.metrics_listen:
+        wanted.append((section.metrics_listen, "gateway metrics", "gateway.metrics_listen"))
+    try:
+        check_ports(wanted)  # one line, not a traceback from deep inside the server
+    except CliError as exc:
+        raise _fail(f"cortex serve: {exc}", 2) from None
     setup_logging(fleet.gateway.gateway.log_level)
     _warn_about(fleet)
     from cortex.gateway.app import run

@@ -52,6 +52,13 @@ def serve(
     except (ConfigError, ValueError) as exc:
         typer.echo(f"neuron: configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
+    from cortex.cli.up import CliError, check_ports
+
+    try:
+        check_ports([(cfg.listen, "neuron", "--listen or listen in neuron.toml")])  # one line, not a traceback
+    except CliError as exc:
+        typer.echo(f"neuron: {exc}", err=True)
+        raise typer.Exit(2) from None
     setup_logging(cfg.log_level)
     # A daemon's log is lines, not terminal progress bars (hub downloads, GGUF conversion): `cortex load`
     # and `cortex up` show progress from /models instead. An explicit setting in the environment wins.

@@ -156,3 +156,85 @@ def test_bad_tool_choices() -> None:
         tool_grammar([WEATHER], 42, "generic")
     with pytest.raises(EngineError, match="each tool"):
         generic_tools_prompt([{"type": "function", "function": {}}])
+
+
+# --- custom tools (free-form input, optionally in a grammar) ----------------------------------------
+
+PATCH_GRAMMAR = 'start: "ADD " NAME ("," NAME)*\nNAME: /[a-z]{1,5}/\n'
+PATCH = {
+    "type": "custom",
+    "custom": {
+        "name": "apply_patch",
+        "description": "Apply a patch.",
+        "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": PATCH_GRAMMAR}},
+    },
+}
+CODE = {
+    "type": "custom",
+    "custom": {"name": "run", "format": {"type": "grammar", "syntax": "regex", "definition": "[0-9]+"}},
+}
+NOTE = {"type": "custom", "custom": {"name": "note"}}
+CUSTOM_CALL = {"id": "call_2", "type": "custom", "custom": {"name": "apply_patch", "input": "ADD a,b"}}
+
+
+def test_custom_calls_parse_and_render_back() -> None:
+    from cortex.neuron.engine.tools import render_custom_call
+
+    reply = "Patching.\n" + render_custom_call("apply_patch", "ADD x\nline two")
+    content, calls = parse_tool_calls(reply, "generic")
+    assert content == "Patching."
+    assert calls[0]["type"] == "custom" and calls[0]["custom"] == {"name": "apply_patch", "input": "ADD x\nline two"}
+
+
+@pytest.mark.parametrize("mode", ["generic", "native:hermes"])
+def test_custom_tool_grammars(tokenizer: Any, mode: str) -> None:
+    compiler = GrammarCompiler(tokenizer, {tokenizer.eos_token_id})
+
+    def accepts(tools: list[dict[str, Any]], choice: Any, text: str) -> bool:
+        grammar = tool_grammar(tools, choice, mode)
+        assert grammar is not None
+        matcher = compiler.compile(grammar).matcher()
+        return all(matcher.advance(t) for t in tokenizer.encode(text, add_special_tokens=False)) and matcher.accepting
+
+    def call(name: str, text: str) -> str:
+        return f'<tool_call>\n{{"name": "{name}"}}\n<input>\n{text}\n</input>\n</tool_call>'
+
+    tools = [WEATHER, PATCH, CODE, NOTE]
+    assert accepts(tools, "required", call("apply_patch", "ADD abc,de"))
+    assert not accepts(tools, "required", call("apply_patch", "DELETE everything"))
+    assert accepts(tools, "auto", "Sure. " + call("run", "42"))
+    assert not accepts(tools, "auto", "Sure. " + call("run", "forty-two"))
+    assert accepts(tools, "required", call("note", "anything at all,\nover lines"))
+    named = {"type": "custom", "custom": {"name": "apply_patch"}}
+    assert accepts(tools, named, call("apply_patch", "ADD z")) and not accepts(tools, named, call("note", "x"))
+
+
+def test_custom_tools_in_the_generic_prompt(tokenizer: Any) -> None:
+    messages = [*LOOP[:2], {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]}]
+    text = ChatRenderer(tokenizer).render_text([*messages, {"role": "tool", "content": "patched"}], [WEATHER, PATCH])
+    listed = [json.loads(line) for line in text.split("<tools>\n")[1].split("\n</tools>")[0].splitlines()]
+    assert listed[1] == {
+        "name": "apply_patch",
+        "description": "Apply a patch.",
+        "input": {"grammar": "lark", "definition": PATCH_GRAMMAR},
+    }
+    assert "take free-form input" in text
+    assert '<tool_call>\n{"name": "apply_patch"}\n<input>\nADD a,b\n</input>\n</tool_call>' in text
+
+
+def test_custom_tools_with_a_native_template(native_tokenizer: Any) -> None:
+    messages = [*LOOP[:2], {"role": "assistant", "content": "", "tool_calls": [CUSTOM_CALL, CALL]}]
+    text = ChatRenderer(native_tokenizer).render_text(messages, [WEATHER, PATCH])
+    assert '"name": "apply_patch"' in text and "Takes free-form input" in text  # listed by the template itself
+    assert "<input>\nADD a,b\n</input>" in text and '"name": "get_weather", "arguments"' in text
+
+
+def test_custom_tools_need_a_free_form_syntax() -> None:
+    with pytest.raises(EngineError, match="free-form"):
+        tool_grammar([PATCH], "required", "native:json")
+    bad = {
+        "type": "custom",
+        "custom": {"name": "x", "format": {"type": "grammar", "syntax": "ebnf", "definition": "a"}},
+    }
+    with pytest.raises(EngineError, match="lark"):
+        tool_grammar([bad], "required", "generic")

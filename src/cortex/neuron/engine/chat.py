@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .tools import GENERIC, generic_tools_prompt, render_call, tool_call_mode
+from .tools import GENERIC, as_template_tool, generic_tools_prompt, render_call, render_custom_call, tool_call_mode
 from .types import EngineError
 
 Message = dict[str, Any]
@@ -52,6 +52,10 @@ class ChatRenderer:
         normalised = normalise_messages(messages)
         if tools and self.tool_mode == GENERIC:
             normalised, tools = generic_tool_messages(normalised, tools), None
+        elif tools:  # native: custom tools become functions the template can list; their calls stay text
+            normalised, tools = custom_calls_as_text(normalised), [as_template_tool(t) for t in tools]
+        else:
+            normalised = custom_calls_as_text(normalised)
         failure: Exception | None = None
         for attempt in _fallbacks(normalised):
             try:
@@ -116,7 +120,28 @@ def generic_tool_messages(messages: list[Message], tools: list[dict[str, Any]]) 
     return out
 
 
+def custom_calls_as_text(messages: list[Message]) -> list[Message]:
+    """Custom-tool calls (free-form input, no JSON arguments) written into the assistant's text, as generated."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        custom = [c for c in calls if isinstance(c, dict) and c.get("type") == "custom"]
+        if not custom:
+            out.append(message)
+            continue
+        text = "\n".join(t for t in [message["content"], *(_call_text(c) for c in custom)] if t)
+        rest = [c for c in calls if c not in custom]
+        changed = {k: v for k, v in message.items() if k != "tool_calls"}
+        out.append({**changed, "content": text, **({"tool_calls": rest} if rest else {})})
+    return out
+
+
 def _call_text(call: Any) -> str:
+    if isinstance(call, dict) and call.get("type") == "custom" and isinstance(call.get("custom"), dict):
+        custom = call["custom"]
+        if not isinstance(custom.get("name"), str) or not isinstance(custom.get("input", ""), str):
+            raise EngineError("each custom tool call must be {'type': 'custom', 'custom': {'name': ..., 'input': ...}}")
+        return render_custom_call(custom["name"], custom.get("input", ""))
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise EngineError("each tool call must be {'type': 'function', 'function': {'name': ..., 'arguments': ...}}")

@@ -103,34 +103,41 @@ def regex(pattern: str, *, label: str = "regex") -> Grammar:
 def tool_calls(
     tools: Sequence[dict[str, Any]], *, forced: bool, syntax: CallSyntax = "hermes", parallel: bool = True
 ) -> Grammar:
-    """Tool calls to the given OpenAI-shaped function tools, arguments valid against each one's schema.
+    """Tool calls to the given OpenAI-shaped tools: function tools with arguments valid against their
+    schema, custom tools with free-form input (or input in their Lark / regex grammar).
 
     `forced` (tool_choice required / any / a named tool): the reply is one or more calls and nothing
     else. Otherwise (auto) the reply is free text, and once the model opens a call, the call must be
-    well formed: a declared tool's name and schema-valid arguments.
+    well formed: a declared tool's name and valid arguments or input.
 
     Syntaxes: "hermes" (`<tool_call>{"name": .., "arguments": {..}}</tool_call>`, also the generic format
     for templates without tools), "json" (a bare `{"name": .., "arguments": {..}}`), "llama3" (the same
-    with "parameters", optionally after `<|python_tag|>`).
+    with "parameters", optionally after `<|python_tag|>`). A custom tool's call (hermes only) is
+    `<tool_call>{"name": ..}<input>\n...\n</input></tool_call>`.
     """
-    functions = [_function(tool) for tool in tools]
-    if not functions:
+    if not tools:
         raise EngineError("tool_choice requires at least one tool")
     key = "parameters" if syntax == "llama3" else "arguments"
     rules = [f"WS: /{JSON_WHITESPACE}/", r"TEXT: /(.|\n)*/"]
+    subgrammars: list[dict[str, str]] = []
     bodies = []
-    for index, function in enumerate(functions):
-        name = f"args_{index}"
+    for index, tool in enumerate(tools):
+        name = _tool_name(tool)
+        head = f'"{{" WS {_literal(json.dumps("name"))} WS ":" WS {_literal(json.dumps(name))} WS'
+        if isinstance(tool, dict) and tool.get("type") == "custom":
+            if syntax != "hermes":
+                raise EngineError(f"custom tool {name!r}: this model's tool format ({syntax}) has no free-form calls")
+            rules.append(_custom_input_rule(index, tool, subgrammars))
+            bodies.append(f'{head} "}}" WS "{CUSTOM_OPEN}\\n" input_{index}')
+            continue
+        function = _function(tool)
         schema = function.get("parameters") or {"type": "object"}
         if not isinstance(schema, dict):
-            raise EngineError(f"tool {function['name']!r}: parameters must be a JSON Schema object")
+            raise EngineError(f"tool {name!r}: parameters must be a JSON Schema object")
         strict = bool(function.get("strict"))
         schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **_json_options(strict)}}
-        rules.append(f"{name}: %json {json.dumps(schema, ensure_ascii=False)}")
-        bodies.append(
-            f'"{{" WS {_literal(json.dumps("name"))} WS ":" WS {_literal(json.dumps(function["name"]))} WS "," '
-            f'WS {_literal(json.dumps(key))} WS ":" WS {name} WS "}}"'
-        )
+        rules.append(f"args_{index}: %json {json.dumps(schema, ensure_ascii=False)}")
+        bodies.append(f'{head} "," WS {_literal(json.dumps(key))} WS ":" WS args_{index} WS "}}"')
     rules.append("body: " + " | ".join(f"({b})" for b in bodies))
     repeat = "+" if parallel else ""
     if syntax == "hermes":
@@ -150,14 +157,50 @@ def tool_calls(
         else:
             rules.append(r"PROSE: /[^{<\s](.|\n)*/")  # a reply that is not a call does not start like one
             start = "start: call | WS PROSE | WS"
-    return lark("\n".join([start, *rules]), label="tools")
+    main = "\n".join([start, *rules])
+    if not subgrammars:
+        return lark(main, label="tools")
+    # Lark-format custom tools are sub-grammars referenced as @tool_N (each with its own lexer).
+    return Grammar(json.dumps({"grammars": [{"lark_grammar": main}, *subgrammars]}), "tools")
+
+
+CUSTOM_OPEN = "<input>"
+CUSTOM_CLOSE = "</input>"
+
+
+def _custom_input_rule(index: int, tool: dict[str, Any], subgrammars: list[dict[str, str]]) -> str:
+    """`input_N`: the custom tool's input and the closing tag, as its format allows."""
+    custom = tool.get("custom") or {}
+    fmt = custom.get("format") or {"type": "text"}
+    close = f'"\\n"? "{CUSTOM_CLOSE}"'
+    if fmt.get("type") == "text":
+        return f'input_{index}[lazy]: TEXT "{CUSTOM_CLOSE}"'
+    grammar_spec = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
+    syntax, definition = grammar_spec.get("syntax"), grammar_spec.get("definition")
+    if fmt.get("type") != "grammar" or not isinstance(definition, str) or not definition.strip():
+        raise EngineError(f"custom tool {custom.get('name')!r}: format must be text or a grammar with a definition")
+    if syntax == "regex":
+        return f"input_{index}: /{_llg().regex_to_lark(definition)}/ {close}"
+    if syntax == "lark":
+        subgrammars.append({"name": f"tool_{index}", "lark_grammar": definition})
+        return f"input_{index}: @tool_{index} {close}"
+    raise EngineError(f"custom tool {custom.get('name')!r}: grammar syntax must be 'lark' or 'regex', not {syntax!r}")
+
+
+def _tool_name(tool: Any) -> str:
+    kind = tool.get("type", "function") if isinstance(tool, dict) else None
+    body = tool.get(kind) if kind in ("function", "custom") else None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+        raise EngineError(
+            "each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}} "
+            "or {'type': 'custom', 'custom': {'name': ..., 'format': ...}}"
+        )
+    return body["name"]
 
 
 def _function(tool: Any) -> dict[str, Any]:
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise EngineError("each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
-    return function
+    _tool_name(tool)
+    return tool["function"]
 
 
 def _literal(text: str) -> str:

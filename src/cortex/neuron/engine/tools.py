@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from typing import Any
 
@@ -31,6 +32,9 @@ from .types import EngineError, ParsedEvent, PlainText, ToolCall
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
+CUSTOM_OPEN = "<input>"
+CUSTOM_CLOSE = "</input>"
+_CUSTOM_CALL = re.compile(r"\A\s*(\{.*?\})\s*<input>(.*)</input>\s*\Z", re.DOTALL)
 PYTHON_TAG = "<|python_tag|>"
 GENERIC = "generic"
 NATIVE = "native:"
@@ -49,6 +53,15 @@ To call a tool, write a JSON object with the tool's name and its arguments insid
 </tool_call>
 Write one such block per call. Each result comes back inside <tool_response></tool_response> tags. \
 When no tool is needed, answer directly."""
+
+CUSTOM_TOOLS_PROMPT = """Tools listed with an "input" instead of "parameters" take free-form input, not JSON arguments \
+(their input must follow the grammar given, if any). Call them like this:
+<tool_call>
+{{"name": "<tool name>"}}
+<input>
+<the input, exactly as the tool expects it>
+</input>
+</tool_call>"""
 
 
 def detect_tool_format(chat_template: str | None) -> str | None:
@@ -84,16 +97,61 @@ def call_syntax(tool_format: str | None) -> str | None:
 def generic_tools_prompt(tools: list[dict[str, Any]]) -> str:
     """The system-prompt block that teaches a template without tool support the declared tools."""
     lines = []
+    custom = False
     for tool in tools:
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not function.get("name"):
-            raise EngineError("each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
-        entry = {"name": function["name"]}
-        if function.get("description"):
-            entry["description"] = function["description"]
-        entry["parameters"] = function.get("parameters") or {"type": "object", "properties": {}}
+        kind, body = tool_kind(tool)
+        entry: dict[str, Any] = {"name": body["name"]}
+        if body.get("description"):
+            entry["description"] = body["description"]
+        if kind == "custom":
+            custom = True
+            entry["input"] = _custom_input_description(body.get("format"))
+        else:
+            entry["parameters"] = body.get("parameters") or {"type": "object", "properties": {}}
         lines.append(json.dumps(entry, ensure_ascii=False))
-    return GENERIC_TOOLS_PROMPT.format(tools="\n".join(lines))
+    prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(lines))
+    return prompt + "\n\n" + CUSTOM_TOOLS_PROMPT if custom else prompt
+
+
+def tool_kind(tool: Any) -> tuple[str, dict[str, Any]]:
+    """("function" | "custom", the tool's body with its name); EngineError for anything else."""
+    kind = tool.get("type", "function") if isinstance(tool, dict) else None
+    body = tool.get(kind) if kind in ("function", "custom") else None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+        raise EngineError(
+            "each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}} "
+            "or {'type': 'custom', 'custom': {'name': ..., 'format': ...}}"
+        )
+    return kind, body
+
+
+def _custom_input_description(fmt: Any) -> Any:
+    if not isinstance(fmt, dict) or fmt.get("type", "text") == "text":
+        return "free-form text"
+    spec = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
+    return {"grammar": spec.get("syntax"), "definition": spec.get("definition")}
+
+
+def as_template_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A custom tool as a function tool a native template can render (its description says how to call it)."""
+    kind, body = tool_kind(tool)
+    if kind == "function":
+        return tool
+    how = (
+        f'Takes free-form input, not JSON arguments: call it as {HERMES_OPEN}{{"name": "{body["name"]}"}}'
+        f"{CUSTOM_OPEN}\n...\n{CUSTOM_CLOSE}{HERMES_CLOSE}."
+    )
+    grammar_text = _custom_input_description(body.get("format"))
+    if isinstance(grammar_text, dict):
+        how += f" The input follows this {grammar_text['grammar']} grammar:\n{grammar_text['definition']}"
+    description = f"{body['description']}\n\n{how}" if body.get("description") else how
+    return {"type": "function", "function": {"name": body["name"], "description": description, "parameters": {}}}
+
+
+def render_custom_call(name: str, text: str) -> str:
+    """An earlier custom-tool call as the model writes it."""
+    header = json.dumps({"name": name}, ensure_ascii=False)
+    return f"{HERMES_OPEN}\n{header}\n{CUSTOM_OPEN}\n{text}\n{CUSTOM_CLOSE}\n{HERMES_CLOSE}"
 
 
 def render_call(name: str, arguments: Any, syntax: str | None = "hermes") -> str:
@@ -125,7 +183,7 @@ def tool_grammar(
             return None
         return grammar.tool_calls(tools, forced=False, syntax="hermes", parallel=parallel)
     if choice:
-        tools = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name") == choice]
+        tools = [t for t in tools if tool_kind(t)[1]["name"] == choice]
         if not tools:
             raise EngineError(f"tool_choice names {choice!r}, which is not one of the tools")
     return grammar.tool_calls(tools, forced=True, syntax=syntax, parallel=parallel and not choice)  # type: ignore[arg-type]
@@ -138,7 +196,8 @@ def _choice_name(tool_choice: Any) -> str | None:
     if tool_choice in ("required", "any"):
         return ""
     if isinstance(tool_choice, dict):
-        function = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
+        nested = tool_choice.get("function", tool_choice.get("custom"))
+        function = nested if isinstance(nested, dict) else tool_choice
         name = function.get("name")
         if isinstance(name, str) and name:
             return name
@@ -164,6 +223,23 @@ def tool_calls_from_json(text: str) -> list[dict[str, Any]] | None:
     if not calls or any(call is None for call in calls):
         return None
     return [call for call in calls if call is not None]
+
+
+def custom_call(body: str) -> dict[str, Any] | None:
+    """A custom-tool call, `{"name": ..}<input>\n...\n</input>`, as an OpenAI custom tool call; None if not one."""
+    match = _CUSTOM_CALL.match(body)
+    if match is None:
+        return None
+    try:
+        header = json.loads(match.group(1))
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or not isinstance(header.get("name"), str) or not header["name"]:
+        return None
+    text = match.group(2)
+    text = text[1:] if text.startswith("\n") else text
+    text = text[:-1] if text.endswith("\n") else text
+    return {"id": new_call_id(), "type": "custom", "custom": {"name": header["name"], "input": text}}
 
 
 def _openai_call(item: Any) -> dict[str, Any] | None:
@@ -241,6 +317,9 @@ class ToolCallParser:
     def _hermes_call(body: str, *, closed: bool) -> list[ParsedEvent]:
         calls = tool_calls_from_json(body.strip())
         if calls is None:
+            custom = custom_call(body)
+            if custom is not None:
+                return [ToolCall(custom)]
             return [PlainText(HERMES_OPEN + body + (HERMES_CLOSE if closed else ""))]
         return [ToolCall(call) for call in calls]
 

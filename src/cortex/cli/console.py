@@ -153,7 +153,7 @@ def replicas_table(state: dict[str, Any]) -> Table:
 
 def models_table(models: list[dict[str, Any]]) -> Table:
     table = Table(title="Models served by the fleet", title_justify="left")
-    for column in ("id", "status", "loaded on", "context", "alias of"):
+    for column in ("id", "status", "loaded on", "context", "tools", "alias of"):
         table.add_column(column)
     for m in models:
         table.add_row(
@@ -161,6 +161,7 @@ def models_table(models: list[dict[str, Any]]) -> Table:
             styled_status(m.get("status", "")),
             ", ".join(m.get("loaded_on") or []) or "-",
             str(m.get("context_length") or "-"),
+            {True: "yes", False: "no"}.get(m.get("tool_call"), "-") if m.get("status") == "loaded" else "-",
             m.get("alias_of") or "",
         )
     return table

@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 CPU, bf16 GPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64 CPU, 256 GPU)")
     parser.add_argument("--streams", type=int, default=None, help="concurrent streams (default 8 CPU, 32 GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; figures are medians over rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds, medians over them (default 3 CPU, 1 GPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     parser.add_argument("--prefix-tokens", type=int, default=2000)
     parser.add_argument("--no-peers", action="store_true", help="skip generate_batch (and llama.cpp)")
@@ -207,16 +207,22 @@ async def concurrent(
     return len(prompts) * new_tokens / (time.perf_counter() - started), [r[2] for r in results]
 
 
-async def ttft_under_load(model: LoadedModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    probe = prompts[-1]
-    idle = statistics.median([(await request(model, probe, 1))[0] for _ in range(3)])
+async def ttft_under_load(
+    model: LoadedModel, tokenizer: Any, prompts: list[list[int]], new_tokens: int, nonce: int
+) -> dict[str, float]:
+    """A new question (never seen: no prefix-cache help beyond the template) on an idle model, then while S-1 stream."""
+
+    def probe(i: int) -> list[int]:
+        return render(tokenizer, f"Question {nonce}.{i}: how do tides work, and why are there two a day?")
+
+    idle = statistics.median([(await request(model, probe(i), 1))[0] for i in range(3)])
     streams = [asyncio.create_task(request(model, p, new_tokens * 4)) for p in prompts[:-1]]
     while model.in_flight < len(streams) or model.queue_depth:  # noqa: ASYNC110 (polling the engine's counters)
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # every stream is decoding now
     loaded = []
-    for _ in range(3):
-        loaded.append((await request(model, probe, 1))[0])
+    for i in range(3, 6):
+        loaded.append((await request(model, probe(i), 1))[0])
         await asyncio.sleep(0.05)
     for stream in streams:
         stream.cancel()
@@ -266,6 +272,7 @@ async def main() -> None:
         torch.set_num_threads(args.threads)
     new_tokens = args.new_tokens or (256 if gpu else 64)
     count = args.streams or (32 if gpu else 8)
+    repeats = args.repeats or (1 if gpu else 3)
     tokenizer, build, description = tokenizer_and_model(args.shape, device, getattr(torch, dtype_name))
     prompts = [render(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(count)]
     module = build()
@@ -281,26 +288,29 @@ async def main() -> None:
         report["engine_load_s"] = time.perf_counter() - loaded_at
         report["kv"] = model.kv_stats()
         serial_texts = [(await request(model, p, new_tokens))[2] for p in prompts]
-        for index in range(args.repeats):
+        for index in range(repeats):
             row: dict[str, Any] = {}
             generate_time, _ = peers.generate(prompts[0], new_tokens)
             generate_first, _ = peers.generate(prompts[0], 1)
             row["generate_decode_tok_s"] = (new_tokens - 1) / (generate_time - generate_first)
-            if not args.no_peers:
-                elapsed, _ = peers.generate_batch(prompts, new_tokens)
-                row["cb_aggregate_tok_s"] = count * new_tokens / elapsed
+            if not args.no_peers and "cb_error" not in report:
+                try:
+                    elapsed, _ = peers.generate_batch(prompts, new_tokens)
+                    row["cb_aggregate_tok_s"] = count * new_tokens / elapsed
+                except Exception as exc:  # a transformers version without it, or without room for its cache
+                    report["cb_error"] = f"{type(exc).__name__}: {exc}"[:300]
             row["engine_decode_tok_s"] = await single_decode(model, prompts[0], new_tokens)
             aggregate, texts = await concurrent(model, prompts, new_tokens, spread_s=1.0 if gpu else 0.0)
             row["engine_aggregate_tok_s"] = aggregate
             row["identical_to_serial"] = sum(a == b for a, b in zip(texts, serial_texts, strict=True))
-            row.update(await ttft_under_load(model, prompts[: min(count, 8)], new_tokens))
+            row.update(await ttft_under_load(model, tokenizer, prompts[: min(count, 8)], new_tokens, index))
             row.update(await prefix_reuse(model, tokenizer, args.prefix_tokens, index))
             rounds.append(row)
         # Engine serial answers vs generate()'s (decoded with the same detokeniser rules: compare texts).
-        generate_texts = [tokenizer.decode(peers.generate(p, new_tokens)[1]) for p in prompts[: min(count, 8)]]
-        report["engine_serial_equal_generate"] = sum(
-            a.strip() == b.strip() for a, b in zip(serial_texts, generate_texts, strict=False)
-        )
+        if not gpu:  # random GPU weights make texts meaningless, and generate() there is slow
+            generate_texts = [tokenizer.decode(peers.generate(p, new_tokens)[1]) for p in prompts]
+            same = sum(a.strip() == b.strip() for a, b in zip(serial_texts, generate_texts, strict=True))
+            report["engine_serial_equal_generate"] = f"{same}/{count}"
         if not gpu and not args.no_dtypes:
             report["cpu_dtypes"] = await dtype_experiments(engine, build, tokenizer, prompts, new_tokens, serial_texts)
     finally:
@@ -327,7 +337,7 @@ async def main() -> None:
         "ttft_under_load_vs_idle": statistics.median(r["under_load_s"] / r["idle_s"] for r in rounds),
         "prefix_ttft_second_vs_first": statistics.median(r["second_ttft_s"] / r["first_ttft_s"] for r in rounds),
     }
-    if not args.no_peers:
+    if all("cb_aggregate_tok_s" in r for r in rounds):
         paired[f"aggregate{count}_vs_transformers_cb"] = statistics.median(
             r["engine_aggregate_tok_s"] / r["cb_aggregate_tok_s"] for r in rounds
         )
@@ -349,7 +359,7 @@ async def main() -> None:
             "prefix_prompt_tokens": rounds[0]["prompt_tokens"],
             "prefix_cached_tokens": rounds[0]["cached"],
             "identical_to_serial": f"{min(r['identical_to_serial'] for r in rounds)}/{count}",
-            "rounds": args.repeats,
+            "rounds": repeats,
             "figures": figures,
             "ratios": paired,
         }

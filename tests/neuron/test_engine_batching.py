@@ -64,6 +64,35 @@ async def small_pool(tiny_model: Path) -> AsyncIterator[LoadedModel]:
     engine.close()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def qwen3(engine: Engine, tiny_model: Path) -> LoadedModel:
+    """A tiny random Qwen3 (q/k norms, explicit head_dim, GQA 4:1) with the tiny model's tokenizer."""
+
+    def build() -> tuple[torch.nn.Module, Any]:
+        from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        config = Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(3)
+        module = Qwen3ForCausalLM(config).to(torch.float64)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.normal_(0.0, 0.5)
+        return module, tokenizer
+
+    return await engine.adopt("tiny-qwen3", "cpu", build)
+
+
 def chat(model: LoadedModel, text: str, system: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     return model.render_chat([*messages, {"role": "user", "content": text}])
@@ -103,6 +132,11 @@ async def test_concurrent_greedy_requests_equal_serial_ones_token_for_token(mode
     assert together == alone
     # They really shared forwards: far fewer steps than tokens generated.
     assert model._scheduler.steps - steps < count * GREEDY.max_new_tokens // 2
+
+
+async def test_qwen3_shapes_batch_exactly_too(qwen3: LoadedModel) -> None:
+    prompts = [chat(qwen3, f"qwen question {i} " + "more " * i) for i in range(8)]
+    assert await concurrent(qwen3, prompts) == await serial(qwen3, prompts)
 
 
 async def test_output_does_not_depend_on_the_batch_composition(model: LoadedModel) -> None:

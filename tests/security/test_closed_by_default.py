@@ -66,7 +66,7 @@ def test_gateway_refuses_the_network_without_client_keys(tmp_path: Path) -> None
 
 def test_gateway_serves_the_network_with_keys_or_on_purpose_anonymous(tmp_path: Path) -> None:
     keyed = gateway('[gateway]\nlisten = "0.0.0.0:31313"\napi_keys = ["sk-1"]\n', tmp_path)
-    assert keyed.client_keys().matches("sk-1")
+    assert keyed.client_key_set().matches("sk-1")
     assert exposure_warnings(GatewayConfig(gateway=keyed)) == []
     anonymous = gateway('[gateway]\nlisten = "0.0.0.0:31313"\nallow_anonymous = true\n', tmp_path)
     check_exposure(GatewayConfig(gateway=anonymous), "x")
@@ -85,7 +85,7 @@ api_keys_file = "{keys_file}"
 admin_key = "file:{tmp_path / "admin"}"
 """
     section = gateway(toml, tmp_path)
-    keys = section.client_keys()
+    keys = section.client_key_set()
     for key in ("sk-hashed", "sk-from-env", "sk-from-file", "sk-hashed-in-file"):
         assert keys.matches(key), key
     assert not keys.matches(sha256("sk-hashed"))  # the digest itself is not a key

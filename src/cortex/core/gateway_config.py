@@ -62,6 +62,20 @@ def _sendable_secret(value: str | None) -> str | None:
     return resolve_secret(value)
 
 
+class ClientKey(_Strict):
+    """A client key with its own limits (`[[gateway.client_keys]]`); it opens client routes like api_keys."""
+
+    key: str  # the value, sha256:<hex>, env:NAME or file:PATH
+    requests_per_minute: int | None = Field(default=None, ge=1)  # else gateway.requests_per_minute
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion; else gateway.tokens_per_minute
+    models: list[str] | None = None  # the model ids (or aliases) it may use; None: all
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return resolve_secret(v)
+
+
 class GatewaySection(_Strict):
     # Loopback by default: serving the network is a decision (api_keys, or allow_anonymous).
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
@@ -74,6 +88,10 @@ class GatewaySection(_Strict):
     allow_anonymous: bool = False  # serve clients without keys on a non-loopback listen (logged loudly)
     neuron_token: str | None = None  # bearer token sent to every neuron that has no `token` of its own
     metrics_key: str | None = None  # when set, /metrics needs `Authorization: Bearer` it (or the admin key)
+    client_keys: list[ClientKey] = Field(default_factory=list)  # keys with their own limits / model allow-list
+    # Limits of every client key without its own, over a sliding minute (429 + Retry-After); None: unlimited.
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
     keepalive_interval_s: float = Field(default=5.0, gt=0)  # SSE comments to streams waiting on a cold load
     connect_timeout_s: float = Field(default=5.0, gt=0)
     # A neuron that stops answering (docs/reliability.md): a stream silent this long (first byte included)
@@ -112,11 +130,12 @@ class GatewaySection(_Strict):
         if self.api_keys_file is not None:
             self.api_keys = [*self.api_keys, *read_key_file(self.api_keys_file)]
             self.api_keys_file = None  # read once: the keys are in api_keys now
+        self.api_keys = [*self.api_keys, *(k.key for k in self.client_keys if k.key not in self.api_keys)]
         if self.admin_key is not None and KeySet([self.admin_key]).overlaps(KeySet(self.api_keys)):
             raise ValueError("admin_key must differ from every client key in api_keys")
         return self
 
-    def client_keys(self) -> KeySet:
+    def client_key_set(self) -> KeySet:
         return KeySet(self.api_keys)
 
 

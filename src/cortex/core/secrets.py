@@ -85,12 +85,17 @@ class KeySet:
         return len(self._digests)
 
     def matches(self, presented: str) -> bool:
+        return self.match(presented) is not None
+
+    def match(self, presented: str) -> bytes | None:
+        """The digest of the key presented when it is one of these (its identity for limits), else None."""
         if not presented:
-            return False
+            return None
         given = hashlib.sha256(presented.encode(errors="surrogateescape")).digest()
-        found = False
+        found = None
         for known in self._digests:  # no early exit: every key is compared
-            found |= hmac.compare_digest(given, known)
+            if hmac.compare_digest(given, known):
+                found = known
         return found
 
     def overlaps(self, other: KeySet) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -150,6 +151,7 @@ class Accounting:
     def __init__(self, metrics: Metrics, access_log: AccessLog | None = None) -> None:
         self.metrics = metrics
         self.access_log = access_log or AccessLog()
+        self.charge: Callable[[int], None] | None = None  # a finished request's tokens, to its key's limits
 
     def record(self) -> RequestRecord:
         return RequestRecord(self.metrics)
@@ -157,6 +159,8 @@ class Accounting:
     def finish(self, record: RequestRecord, route: str, status: int, *, stream: bool) -> None:
         """Stop the clock now; publish on the next event-loop iteration, after the handler returned."""
         record.end()
+        if self.charge is not None:
+            self.charge(record.prompt_tokens + record.completion_tokens)
         try:
             asyncio.get_running_loop().call_soon(self._publish, record, route, status, stream)
         except RuntimeError:  # no running loop (shutdown)

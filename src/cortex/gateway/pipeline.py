@@ -27,6 +27,7 @@ from cortex.core.errors import ApiError
 from cortex.core.logs import REQUEST_ID_HEADER, request_id_from, request_id_var
 from cortex.core.secrets import KeySet
 from cortex.gateway.bodies import json_response
+from cortex.gateway.limits import Limiter
 from cortex.gateway.upstream import UpstreamError
 
 log = logging.getLogger("cortex.gateway.pipeline")
@@ -61,8 +62,11 @@ def endpoint(*, access: Access = Access.CLIENT, dialect: Dialect = Dialect.OPENA
 class Auth:
     """Client keys (`Authorization: Bearer KEY` or `x-api-key: KEY`) and the admin key (Bearer or `x-admin-key`)."""
 
-    def __init__(self, api_keys: list[str], admin_key: str | None, *, loopback: bool = True) -> None:
+    def __init__(
+        self, api_keys: list[str], admin_key: str | None, *, loopback: bool = True, limiter: Limiter | None = None
+    ) -> None:
         self._client_keys = KeySet(api_keys)
+        self._limiter = limiter
         self._admin_keys = KeySet([admin_key] if admin_key is not None else [])
         # Without an admin key, /admin/* stays open only where nothing else is guarded: a loopback dev gateway.
         self._admin_open = admin_key is None and not api_keys and loopback
@@ -70,8 +74,11 @@ class Auth:
     def check(self, request: web.BaseRequest, access: Access) -> None:
         if access is Access.CLIENT and self._client_keys:
             presented = _bearer(request) or request.headers.get("x-api-key", "")
-            if not self._client_keys.matches(presented):
+            key = self._client_keys.match(presented)
+            if key is None:
                 raise ApiError(401, "a valid API key is required", type="authentication_error", code="invalid_api_key")
+            if self._limiter is not None:
+                self._limiter.use_key(key)  # 429 over the key's limits; its model allow-list is checked on routing
         elif access is Access.ADMIN and not self._admin_open:
             if not self._admin_keys:
                 raise ApiError(

@@ -40,6 +40,7 @@ from cortex.core.logs import request_id_var
 from cortex.core.sse import EVENT_END, event_data
 from cortex.gateway.accounting import Accounting, RequestRecord, error_type
 from cortex.gateway.affinity import prefix_key
+from cortex.gateway.limits import check_model
 from cortex.gateway.neuron_client import describe
 from cortex.gateway.router import KeepAlive, Router
 from cortex.gateway.upstream import STREAM_ERRORS, Exchange, Upstream, upstream_error
@@ -100,7 +101,9 @@ class Relay:
         """The model id a client's `model` names (alias resolved); ApiError 400/404 otherwise."""
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' must be a non-empty string", param="model", code="invalid_model")
-        return self.router.resolve(model)
+        model_id = self.router.resolve(model)
+        check_model(model_id)  # the request's API key may be limited to some models (limits.py)
+        return model_id
 
     async def fetch(
         self,

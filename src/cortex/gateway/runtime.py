@@ -15,11 +15,12 @@ import aiohttp
 
 from cortex.core.catalogue import CatalogueModel
 from cortex.core.errors import ApiError
-from cortex.core.gateway_config import FleetConfig, parse_listen
+from cortex.core.gateway_config import FleetConfig, GatewaySection, parse_listen
 from cortex.core.logs import log_event
-from cortex.core.secrets import is_loopback
+from cortex.core.secrets import digest, is_loopback
 from cortex.gateway.accounting import Accounting
 from cortex.gateway.evictor import EvictionPolicy, Evictor
+from cortex.gateway.limits import KeyPolicy, Limiter
 from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.pipeline import Auth
@@ -59,6 +60,20 @@ def new_session(connect_timeout_s: float) -> aiohttp.ClientSession:
     )
 
 
+def key_limiter(section: GatewaySection) -> Limiter:
+    """Per-key limits from [gateway]: each client_keys entry's own, else the section's defaults."""
+    default = KeyPolicy(section.requests_per_minute, section.tokens_per_minute)
+    policies = {
+        digest(k.key): KeyPolicy(
+            k.requests_per_minute or section.requests_per_minute,
+            k.tokens_per_minute or section.tokens_per_minute,
+            frozenset(k.models) if k.models is not None else None,
+        )
+        for k in section.client_keys
+    }
+    return Limiter(policies, default)
+
+
 class Gateway:
     """Configuration plus every long-lived part; `start()` inside the event loop, `stop()` at exit."""
 
@@ -72,8 +87,13 @@ class Gateway:
         self.state = FleetState(settings.neurons)
         self.metrics = Metrics()
         self.accounting = Accounting(self.metrics)
+        self.limiter = key_limiter(self.config)
+        self.accounting.charge = self.limiter.charge
         self.auth = Auth(
-            self.config.api_keys, self.config.admin_key, loopback=is_loopback(parse_listen(self.config.listen)[0])
+            self.config.api_keys,
+            self.config.admin_key,
+            loopback=is_loopback(parse_listen(self.config.listen)[0]),
+            limiter=self.limiter,
         )
         self.policy = EvictionPolicy(self.eviction.strategy, self.eviction.min_residency_s)
         self._background: set[asyncio.Task[object]] = set()

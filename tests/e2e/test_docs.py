@@ -41,7 +41,7 @@ def test_toml_blocks_parse_and_configs_validate(block: Block, monkeypatch: pytes
         data.pop("token", None)  # a file: reference names a file on the reader's host
         validate_settings(NeuronConfig, data, block.where)
     elif "cortex.toml" in first:
-        for key in ("api_keys", "admin_key", "neuron_token"):
+        for key in ("api_keys", "admin_key", "metrics_key", "neuron_token"):
             data.get("gateway", {}).pop(key, None)
         data.pop("models_config", None)
         data.setdefault("gateway", {})["allow_anonymous"] = True

@@ -24,6 +24,7 @@ from cortex.neuron.engine.cuda_graphs import (
     width_buckets,
 )
 from cortex.neuron.engine.runner import ModelRunner, StepBatch
+from tests.support.procs import run_neuron, wait_model_status
 
 BLOCK = 4
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 8
@@ -189,3 +190,13 @@ async def test_a_cpu_model_reports_graphs_off_with_the_reason(tiny_model: Path) 
         assert model._scheduler.runner is not None and model._scheduler.runner.graphs is None
     finally:
         engine.close()
+
+
+def test_the_config_switch_reaches_the_engine(tmp_path: Path, tiny_model: Path) -> None:
+    toml = (
+        f'model_roots = ["{tiny_model.parent}"]\n[devices]\nuse = "cpu"\n[engine]\ncuda_graphs = false\n'
+        f'[[default_models]]\nmodel_id = "tiny"\nsource = "{tiny_model}"\n'
+    )
+    with run_neuron(tmp_path, toml) as neuron:
+        entry = wait_model_status(neuron.url, "tiny")
+    assert entry["kv"]["cuda_graphs"]["reason"] == "disabled by config ([engine] cuda_graphs = false)"

@@ -291,10 +291,10 @@ def capture_decode_graphs(
     or if capture fails, in which case the model serves eagerly rather than failing its load.
     """
     device = runner.device
-    if device.type != "cuda":
-        return GraphStats(reason="not a CUDA device")
     if not enabled:
         return GraphStats(reason="disabled by config ([engine] cuda_graphs = false)")
+    if device.type != "cuda":
+        return GraphStats(reason="not a CUDA device")
     if max_batch < 1 or max_blocks < 1:
         return GraphStats(reason="nothing to capture")
     before = torch.cuda.memory_reserved(device)

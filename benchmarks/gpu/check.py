@@ -109,6 +109,7 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
         result["generate_s"] = round(time.perf_counter() - started, 3)
         result["answers_tokens"] = [a["tokens"] for a in answers]
         result["answers"] = [a["text"][:80] for a in answers]
+        full_texts = [a["text"] for a in answers]
         result["graph_stats_after"] = model.kv_stats().get("cuda_graphs")
         freed = await engine.unload(model)
         result["freed_mb"] = round(freed / 2**20, 1)
@@ -119,6 +120,17 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
             result["memory_freed_ok"] = leaked < 8 * 2**20
     finally:
         engine.close()
+    if graphs and cuda:
+        # The same greedy requests with graphs off: how many answers the captured decode reproduces exactly.
+        eager = Engine([device], cuda_graphs=False)
+        try:
+            model = await eager.load(LoadSpec("tiny", ModelSource("local", str(model_dir)), device=device))
+            texts = await asyncio.gather(*(_greedy_text(model, p) for p in prompt_ids))
+            same = sum(a == b for a, b in zip(texts, full_texts, strict=True))
+            result["graphs_match_eager"] = f"{same}/{len(texts)}"
+            await eager.unload(model)
+        finally:
+            eager.close()
     # A bad ordinal must fail fast with a clear reason (the device worker's bind error path).
     bad = f"cuda:{torch.cuda.device_count()}" if cuda else "cuda:0"
     engine = Engine([bad])
@@ -136,6 +148,18 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
     finally:
         engine.close()
     return result
+
+
+async def _greedy_text(model: Any, prompt: list[int]) -> str:
+    from cortex.neuron.engine import Finished, GenerationRequest, SamplingParams
+
+    text = []
+    sampling = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    async for event in model.generate(GenerationRequest("check", prompt, sampling)):
+        if isinstance(event, Finished):
+            break
+        text.append(event.text)
+    return "".join(text)
 
 
 def free_port() -> int:

@@ -44,7 +44,16 @@ def main() -> None:
     engine = stages.get("engine", {})
     summary["engine"] = {
         key: engine.get(key)
-        for key in ("ok", "load_s", "info", "memory_freed_ok", "leaked_after_unload_mb", "freed_mb", "bad_device")
+        for key in (
+            "ok",
+            "load_s",
+            "info",
+            "memory_freed_ok",
+            "leaked_after_unload_mb",
+            "freed_mb",
+            "graphs_match_eager",
+            "bad_device",
+        )
     }
     summary["engine"]["graphs"] = (engine.get("kv") or {}).get("cuda_graphs")
     serve = stages.get("serve", {})

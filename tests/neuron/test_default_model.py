@@ -79,3 +79,52 @@ async def test_json_object_answer_parses(default_neuron: Daemon) -> None:
     answer = json.loads(reply["choices"][0]["message"]["content"])
     assert isinstance(answer, dict)
     assert "Paris" in json.dumps(answer)
+
+
+async def test_json_schema_answer_validates(default_neuron: Daemon) -> None:
+    """A strict json_schema request: SmolLM2 answers with an object the schema accepts, and the right one."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    body = {"model": DEFAULT_MODEL_ID, "messages": QUESTION, "max_tokens": 60, "temperature": 0}
+    body["response_format"] = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    async with aiohttp.ClientSession() as http, http.post(f"{default_neuron.url}/v1/chat/completions", json=body) as r:
+        reply = await r.json()
+    assert r.status == 200, reply
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    answer = json.loads(reply["choices"][0]["message"]["content"])
+    jsonschema.validate(answer, schema)
+    assert "Paris" in answer["capital"]
+
+
+async def test_generic_tool_call(default_neuron: Daemon) -> None:
+    """SmolLM2's template has no tools: the neuron lists them in the prompt and the call comes back well formed."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    body = {"model": DEFAULT_MODEL_ID, "messages": messages, "tools": [tool], "tool_choice": "required"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{default_neuron.url}/v1/chat/completions", json={**body, "max_tokens": 60}) as r:
+            reply = await r.json()
+        async with http.get(f"{default_neuron.url}/models") as r:
+            models = await r.json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", reply
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    entries = models["models"] if isinstance(models, dict) else models
+    assert [m["tool_call_format"] for m in entries if m["id"] == DEFAULT_MODEL_ID] == ["generic"]

@@ -143,3 +143,44 @@ async def test_unknown_named_tool_is_a_400(neuron: Daemon, http: aiohttp.ClientS
     named = {"type": "function", "function": {"name": "missing"}}
     status, reply = await _post(http, neuron.url, tools=[WEATHER], tool_choice=named, max_tokens=5)
     assert status == 400 and reply["error"]["param"] == "tool_choice" and "missing" in reply["error"]["message"]
+
+
+PATCH_GRAMMAR = 'start: "ADD " NAME ("," NAME){0,3}\nNAME: /[a-z]{1,6}/\n'
+PATCH = {
+    "type": "custom",
+    "custom": {
+        "name": "apply_patch",
+        "description": "Apply a patch to the files.",
+        "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": PATCH_GRAMMAR}},
+    },
+}
+
+
+@pytest.mark.parametrize("model", [TINY, "tiny-tools"])
+async def test_custom_grammar_tool_call(neuron: Daemon, http: aiohttp.ClientSession, model: str) -> None:
+    """A custom tool with a Lark grammar: the call comes back as a custom tool call whose input is in the grammar."""
+    import re
+
+    body = {"model": model, "tools": [WEATHER, PATCH], "max_tokens": 120, "temperature": 0}
+    named = {"type": "custom", "custom": {"name": "apply_patch"}}
+    reply = await _chat(http, neuron.url, **body, tool_choice=named)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "custom" and call["custom"]["name"] == "apply_patch"
+    assert re.fullmatch(r"ADD [a-z]{1,6}(,[a-z]{1,6}){0,3}", call["custom"]["input"]), call
+    # The call and its result go back in the next turn.
+    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    history.append({"role": "tool", "tool_call_id": call["id"], "content": "patched"})
+    status, again = await _post(http, neuron.url, **{**body, "max_tokens": 5}, messages=history)
+    assert status == 200, again
+
+
+async def test_bad_custom_tool_grammar_is_a_400(neuron: Daemon, http: aiohttp.ClientSession) -> None:
+    bad = {
+        "type": "custom",
+        "custom": {"name": "x", "format": {"type": "grammar", "syntax": "lark", "definition": "start: ("}},
+    }
+    status, reply = await _post(http, neuron.url, tools=[bad], tool_choice="required", max_tokens=5)
+    assert status == 400, reply
+    assert "does not compile" in reply["error"]["message"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
@@ -23,11 +23,29 @@ class ToolFunction(_Lenient):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments decoded under the schema either way; strict refuses what it cannot enforce
+
+
+class CustomToolSpec(_Lenient):
+    """A tool that takes free-form input: `format` {"type": "text"} or {"type": "grammar", "grammar":
+    {"syntax": "lark" | "regex", "definition": ...}}; its calls come back as {"type": "custom", "custom":
+    {"name", "input"}}."""
+
+    name: str
+    description: str | None = None
+    format: dict[str, Any] | None = None
 
 
 class Tool(_Lenient):
-    type: Literal["function"] = "function"
-    function: ToolFunction
+    type: Literal["function", "custom"] = "function"
+    function: ToolFunction | None = None
+    custom: CustomToolSpec | None = None
+
+    @model_validator(mode="after")
+    def _body_matches_type(self) -> Tool:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type} tool needs its '{self.type}' object")
+        return self
 
 
 class ResponseFormat(_Lenient):

@@ -1,0 +1,56 @@
+"""The official SDKs' typed parsing through a real gateway and neuron: a pydantic model in, the parsed object out.
+
+The model is the tiny random-weight one: it would never write JSON by itself, so every parsed object
+here exists because the neuron decoded under the schema the SDK derived from the pydantic model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.support.gateway_procs import run_single_model_fleet
+
+MODEL = "tiny-sdk"
+
+
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
+    confidence: int = Field(ge=0, le=9)
+    tags: list[Literal["a", "b", "c"]] = Field(max_length=2)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[str]:
+    with run_single_model_fleet(tmp_path_factory.mktemp("sdk"), MODEL, tiny_model) as fleet:
+        yield fleet.gateway.url
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _parse(client: openai.OpenAI) -> Verdict | None:
+    messages = [{"role": "user", "content": "Is the sky blue?"}]
+    chat = client.chat.completions if hasattr(client.chat.completions, "parse") else client.beta.chat.completions
+    completion = chat.parse(  # type: ignore[attr-defined]
+        model=MODEL, messages=messages, response_format=Verdict, max_tokens=200, temperature=0
+    )
+    return completion.choices[0].message.parsed
+
+
+def test_chat_completions_parse(gateway_url: str) -> None:
+    parsed = _parse(_client(gateway_url))
+    assert isinstance(parsed, Verdict)
+
+
+def test_responses_parse(gateway_url: str) -> None:
+    response = _client(gateway_url).responses.parse(
+        model=MODEL, input="Is the sky blue?", text_format=Verdict, max_output_tokens=200, temperature=0
+    )
+    assert isinstance(response.output_parsed, Verdict)

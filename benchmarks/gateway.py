@@ -16,6 +16,7 @@ The upstream, wrk and the first-byte client share the other core, so the gateway
 Needs `wrk` (Debian: apt-get install wrk) and `taskset` (util-linux).
 
     python benchmarks/gateway.py [--seconds 5] [--log-level info]
+    python benchmarks/gateway.py --baseline /tmp/old-checkout --rounds 3   # two gateways, one run
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ _CONTROL = {
     b"/health": json.dumps(
         {
             "devices": [{"index": 0, "vram_used_mb": 1000, "vram_free_mb": 79000, "vram_total_mb": 80000}],
-            "models": [{"id": MODEL, "in_flight": 0, "queue_depth": 0}],
+            "models": [{"id": MODEL, "status": "loaded", "in_flight": 0, "queue_depth": 0}],
         }
     ).encode(),
     b"/models": json.dumps(
@@ -226,40 +227,73 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--first-byte-requests", type=int, default=400)
     parser.add_argument("--log-level", default="info", help="the gateway's log level (info: one line per request)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an older commit): its gateway is measured too, in the same "
+        "run, against the same upstream, alternating with this one",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --baseline: measure each gateway this many times")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is required (apt-get install wrk util-linux)")
     cpus = sorted(os.sched_getaffinity(0))
     gateway_cpu, other_cpu = str(cpus[0]), str(cpus[-1])
+    trees = {"this": Path(__file__).resolve().parents[1] / "src"}
+    if args.baseline is not None:
+        trees = {"baseline": args.baseline.resolve() / "src", **trees}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        upstream_port, gateway_port = free_port(), free_port()
-        procs = []
+        upstream_port = free_port()
+        upstream_cmd = [sys.executable, __file__, "--upstream", str(upstream_port)]
+        upstream = subprocess.Popen(["taskset", "-c", other_cpu, *upstream_cmd])
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         try:
-            upstream_cmd = [sys.executable, __file__, "--upstream", str(upstream_port)]
-            procs.append(subprocess.Popen(["taskset", "-c", other_cpu, *upstream_cmd]))
             wait_http(f"http://127.0.0.1:{upstream_port}/version")
-            cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
-            gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
-            log = (directory / "gateway.log").open("wb")
-            procs.append(subprocess.Popen(["taskset", "-c", gateway_cpu, *gateway_cmd], stdout=log, stderr=log))
-            wait_http(f"http://127.0.0.1:{gateway_port}/health")
-            result = measure(args, directory, upstream_port, gateway_port, other_cpu, procs[-1].pid)
-            result["setup"] = {
-                "gateway_cpu": gateway_cpu,
-                "upstream_wrk_and_client_cpu": other_cpu,
-                "cpus": len(cpus),
-                "gateway_log_level": args.log_level,
-                "seconds_per_wrk_run": args.seconds,
-                "python": sys.version.split()[0],
-                "event_loop": _loop_name(),
-            }
-            print(json.dumps(result, indent=2))
+            for _ in range(args.rounds if args.baseline is not None else 1):
+                for name, src in trees.items():
+                    results[name].append(_measure_gateway(args, directory, src, upstream_port, gateway_cpu, other_cpu))
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                proc.wait(10)
+            upstream.terminate()
+            upstream.wait(10)
+    setup = {
+        "gateway_cpu": gateway_cpu,
+        "upstream_wrk_and_client_cpu": other_cpu,
+        "cpus": len(cpus),
+        "gateway_log_level": args.log_level,
+        "seconds_per_wrk_run": args.seconds,
+        "python": sys.version.split()[0],
+        "event_loop": _loop_name(),
+    }
+    if args.baseline is None:
+        print(json.dumps({**results["this"][0], "setup": setup}, indent=2))
+        return
+    best = {name: _best(runs) for name, runs in results.items()}
+    print(json.dumps({"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **best}, indent=2))
+
+
+def _measure_gateway(
+    args: argparse.Namespace, directory: Path, src: Path, upstream_port: int, gateway_cpu: str, other_cpu: str
+) -> dict[str, Any]:
+    gateway_port = free_port()
+    cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
+    gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    log = (directory / f"gateway-{gateway_port}.log").open("wb")
+    proc = subprocess.Popen(["taskset", "-c", gateway_cpu, *gateway_cmd], stdout=log, stderr=log, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{gateway_port}/health")
+        time.sleep(0.5)  # the first poll marks the upstream healthy
+        return measure(args, directory, upstream_port, gateway_port, other_cpu, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of several rounds, the least disturbed: the one whose gateway spent the least CPU per request."""
+    return min(runs, key=lambda r: r["throughput_c32_rps"]["gateway_cpu_us_per_request"])
 
 
 def _loop_name() -> str:
@@ -324,9 +358,9 @@ def measure(
             "added_p50": r(paused_gateway["p50_ms"] - paused_direct["p50_ms"]),
         },
         "targets": {
-            "added_p50_ms_max": 0.5,
+            "added_p50_ms_max": 0.3,
             "added_p99_ms_max": 1.5,
-            "gateway_one_core_rps_min": 4000,
+            "gateway_one_core_rps_min": 5000,
             "added_first_byte_ms_max": 0.5,
         },
     }

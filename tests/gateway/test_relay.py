@@ -12,7 +12,7 @@ from cortex.core.catalogue import Catalogue, CatalogueModel
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import GatewayConfig, fleet_config_from
 from cortex.core.logs import request_id_var
-from cortex.gateway.relay import chunks
+from cortex.gateway.relay import chunks, stream_body
 from cortex.gateway.runtime import Gateway
 from tests.support.gateway_client import StartFake, fake_log, metric_value
 from tests.support.gateway_procs import eventually
@@ -130,3 +130,11 @@ async def test_fetch_reaches_any_neuron_route_for_the_routed_model(gateway) -> N
     await asyncio.sleep(0.01)  # token counts are accounted like every other request
     text = gw.metrics.render().decode()
     assert metric_value(text, "cortex_requests_total", model="m", node="a") == 1
+
+
+def test_every_stream_asks_for_usage_keeping_the_clients_options() -> None:
+    body = {"model": "alias", "messages": MESSAGES, "stream_options": {"include_usage": False, "x": 1}}
+    sent = stream_body(body, "m")
+    assert sent["model"] == "m" and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True, "x": 1}
+    assert stream_body({"model": "m", "messages": MESSAGES}, "m")["stream_options"] == {"include_usage": True}

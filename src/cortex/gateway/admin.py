@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -30,17 +31,7 @@ from cortex.gateway.placement import feasible_anywhere
 from cortex.gateway.state import FleetState, Node, Replica
 
 
-def setup(
-    app: web.Application,
-    state: FleetState,
-    catalogue: Catalogue,
-    loader: Loader,
-    evictor: Evictor,
-    eviction: EvictionSection,
-    load_timeout_s: float,
-    started_at: float,
-) -> Admin:
-    admin = Admin(state, catalogue, loader, evictor, eviction, load_timeout_s, started_at)
+def setup(app: web.Application, admin: Admin) -> Admin:
     app.router.add_get("/admin/state", admin.get_state)
     app.router.add_post("/admin/load", admin.load)
     app.router.add_post("/admin/unload", admin.unload)
@@ -48,24 +39,17 @@ def setup(
     return admin
 
 
+@dataclass
 class Admin:
-    def __init__(
-        self,
-        state: FleetState,
-        catalogue: Catalogue,
-        loader: Loader,
-        evictor: Evictor,
-        eviction: EvictionSection,
-        load_timeout_s: float,
-        started_at: float,
-    ) -> None:
-        self.state = state
-        self.catalogue = catalogue
-        self.loader = loader
-        self.evictor = evictor
-        self.eviction = eviction
-        self.load_timeout_s = load_timeout_s
-        self.started_at = started_at
+    """The operator routes, over the parts they read and drive."""
+
+    state: FleetState
+    catalogue: Catalogue
+    loader: Loader
+    evictor: Evictor
+    eviction: EvictionSection
+    load_timeout_s: float
+    started_at: float
 
     # ---- state -------------------------------------------------------------------------------
     @endpoint(access=Access.ADMIN)
@@ -181,6 +165,13 @@ class Admin:
         await _placed(job.placed, job.task)
         return json_response({"model": model_id, "node": job.node, "status": "loading"}, status=202)
 
+    def _model_on_node(self, payload: dict[str, Any], missing_node: str) -> tuple[Node, str]:
+        """The node a request names (required) and the model id it names (an alias resolved)."""
+        node_name = payload.get("node")
+        if node_name is None:
+            raise bad_request(missing_node, param="node")
+        return self._node_named(node_name), self.catalogue.resolve(payload["model"])
+
     def _existing(self, model_id: str, node_name: str | None) -> Replica | None:
         for replica in self.state.replicas(model_id):
             placed = node_name is None or replica.node == node_name
@@ -191,11 +182,8 @@ class Admin:
     @endpoint(access=Access.ADMIN)
     async def unload(self, request: web.Request) -> web.Response:
         payload = await _body(request)
-        node_name = payload.get("node")
-        if node_name is None:
-            raise bad_request("'node' is required: say which replica to unload", param="node")
-        node = self._node_named(node_name)
-        model_id = self.catalogue.resolve(payload["model"])
+        node, model_id = self._model_on_node(payload, "'node' is required: say which replica to unload")
+        node_name = node.name
         if model_id not in node.replicas:
             raise ApiError(404, f"'{model_id}' is not on neuron '{node_name}'", param="model", code="model_not_found")
         try:
@@ -209,11 +197,8 @@ class Admin:
     @endpoint(access=Access.ADMIN)
     async def pin(self, request: web.Request) -> web.Response:
         payload = await _body(request)
-        node_name = payload.get("node")
-        if node_name is None:
-            raise bad_request("'node' is required", param="node")
-        self._node_named(node_name)
-        model_id = self.catalogue.resolve(payload["model"])
+        node, model_id = self._model_on_node(payload, "'node' is required")
+        node_name = node.name
         pinned = payload.get("pinned", True)
         if not isinstance(pinned, bool):
             raise bad_request("'pinned' must be a boolean", param="pinned")

@@ -43,8 +43,12 @@ def build_app(gw: Gateway) -> web.Application:
     openai_routes.setup(app, gw.relay)  # POST /v1/chat/completions, /v1/completions (pass-through)
     anthropic_routes.setup(app, gw.relay)  # POST /v1/messages, /v1/messages/count_tokens
     responses_routes.setup(app, gw.relay)  # POST /v1/responses
-    listing.setup(app, gw.state, gw.catalogue, gw.started_at)  # GET /v1/models, /v1/models/{id}, /health
-    admin.setup(app, gw.state, gw.catalogue, gw.loader, gw.evictor, gw.eviction, gw.load.timeout_s, gw.started_at)
+    # GET /v1/models, /v1/models/{id}, /health
+    listing.setup(app, listing.Listing(gw.state, gw.catalogue, gw.started_at))
+    # /admin/state, /admin/load, /admin/unload, /admin/pin
+    admin.setup(
+        app, admin.Admin(gw.state, gw.catalogue, gw.loader, gw.evictor, gw.eviction, gw.load.timeout_s, gw.started_at)
+    )
     dashboard.setup(app, gw.metrics.render)  # GET /ui (the fleet page), GET /admin/live (its live figures)
     # Last: anything unmatched gets a 404 in the caller's dialect (a catch-all costs matched routes nothing).
     app.router.add_route("*", "/{tail:.*}", _not_found)

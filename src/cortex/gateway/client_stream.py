@@ -21,6 +21,8 @@ from cortex.core.sse import KEEPALIVE, SSE_HEADERS
 
 WRITE_TIMEOUT: web.AppKey[float] = web.AppKey("client_write_timeout_s", float)
 DEFAULT_WRITE_TIMEOUT_S = 30.0
+# aiohttp drains (waits for the client) only once the transport holds more than its high-water mark, 64 KiB.
+_NEVER_WAITS_BELOW = 64 * 1024
 
 
 class ClientStream:
@@ -45,6 +47,12 @@ class ClientStream:
 
     async def write(self, data: bytes) -> None:
         if data:
+            transport = self.request.transport
+            if transport is not None and transport.get_write_buffer_size() + len(data) < _NEVER_WAITS_BELOW:
+                # The common case: the client keeps up, the write cannot wait, so no timer is needed.
+                await self.response.write(data)
+                self.last_write = asyncio.get_running_loop().time()
+                return
             limit = self.request.config_dict.get(WRITE_TIMEOUT, DEFAULT_WRITE_TIMEOUT_S)
             try:
                 await asyncio.wait_for(self.response.write(data), limit)

@@ -73,16 +73,14 @@ def victim_order(replicas: list[Replica], catalogue: Catalogue, policy: Eviction
     return sorted(replicas, key=lambda r: r.last_used)
 
 
+@dataclass
 class Evictor:
     """Unloads victims chosen by placement, counts evictions, defragments after enough cycles."""
 
-    def __init__(
-        self, state: FleetState, session: aiohttp.ClientSession, metrics: Metrics, defrag_after_cycles: int
-    ) -> None:
-        self.state = state
-        self.session = session
-        self.metrics = metrics
-        self.defrag_after_cycles = defrag_after_cycles
+    state: FleetState
+    session: aiohttp.ClientSession
+    metrics: Metrics
+    defrag_after_cycles: int
 
     async def evict(self, node: Node, replica: Replica, *, timeout: float) -> None:
         """Unload one victim (already marked `evicting` by placement) and count it."""

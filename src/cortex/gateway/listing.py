@@ -9,6 +9,7 @@ fleet fields (`status`, `loaded_on`, `replicas`, `context_length`, …) are extr
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -26,19 +27,18 @@ _SUPPORTED = ["max_tokens", "temperature", "top_p", "stop", "seed", "response_fo
 _TOOLS = ["tools", "tool_choice"]
 
 
-def setup(app: web.Application, state: FleetState, catalogue: Catalogue, started_at: float) -> Listing:
-    listing = Listing(state, catalogue, started_at)
+def setup(app: web.Application, listing: Listing) -> Listing:
     app.router.add_get("/v1/models", listing.list_models)
     app.router.add_get("/v1/models/{model_id:.+}", listing.get_model)
     app.router.add_get("/health", listing.health)
     return listing
 
 
+@dataclass
 class Listing:
-    def __init__(self, state: FleetState, catalogue: Catalogue, started_at: float) -> None:
-        self.state = state
-        self.catalogue = catalogue
-        self.started_at = started_at
+    state: FleetState
+    catalogue: Catalogue
+    started_at: float
 
     @endpoint(dialect=Dialect.CALLER)
     async def list_models(self, request: web.Request) -> web.Response:

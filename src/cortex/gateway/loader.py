@@ -53,28 +53,18 @@ class LoadJob:
         return await asyncio.shield(self.task)
 
 
+@dataclass
 class Loader:
-    def __init__(
-        self,
-        state: FleetState,
-        session: aiohttp.ClientSession,
-        placer: Placer,
-        evictor: Evictor,
-        poller: Poller,
-        metrics: Metrics,
-        config: LoadSection,
-        retry_after_s: float,
-    ) -> None:
-        self.state = state
-        self.session = session
-        self.placer = placer
-        self.evictor = evictor
-        self.poller = poller
-        self.metrics = metrics
-        self.config = config
-        self.retry_after_s = retry_after_s
-        self._jobs: list[LoadJob] = []
-        self._placement_lock = asyncio.Lock()
+    state: FleetState
+    session: aiohttp.ClientSession
+    placer: Placer
+    evictor: Evictor
+    poller: Poller
+    metrics: Metrics
+    config: LoadSection
+    retry_after_s: float
+    _jobs: list[LoadJob] = field(default_factory=list)
+    _placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def jobs(self) -> list[LoadJob]:

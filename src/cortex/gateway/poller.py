@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,17 +31,15 @@ log = logging.getLogger("cortex.gateway.poller")
 _PROBE_TIMEOUT_S = 2.0
 
 
+@dataclass
 class Poller:
-    def __init__(
-        self, state: FleetState, session: aiohttp.ClientSession, config: PollSection, metrics: Metrics
-    ) -> None:
-        self.state = state
-        self.session = session
-        self.config = config
-        self.metrics = metrics
-        # Called after each answered poll (e.g. to load models pinned on a node that came back).
-        self.after_poll: Callable[[Node], None] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+    state: FleetState
+    session: aiohttp.ClientSession
+    config: PollSection
+    metrics: Metrics
+    # Called after each answered poll (e.g. to load models pinned on a node that came back).
+    after_poll: Callable[[Node], None] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         """One round for every node (so the first requests see the fleet), then the loops."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -90,12 +91,12 @@ class Reply:
         return self._parsed
 
 
+@dataclass
 class Relay:
-    def __init__(self, router: Router, upstream: Upstream, accounting: Accounting, keepalive_interval_s: float) -> None:
-        self.router = router
-        self.upstream = upstream
-        self.accounting = accounting
-        self.keepalive_interval_s = keepalive_interval_s
+    router: Router
+    upstream: Upstream
+    accounting: Accounting
+    keepalive_interval_s: float
 
     def resolve(self, model: Any) -> str:
         """The model id a client's `model` names (alias resolved); ApiError 400/404 otherwise."""

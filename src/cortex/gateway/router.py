@@ -17,6 +17,7 @@ evictor, which refuses replicas with requests in flight, can never race a reques
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from cortex.core.catalogue import Catalogue
 from cortex.core.errors import ApiError, model_not_found
@@ -53,19 +54,19 @@ class Lease:
             self.replica.last_used = time.monotonic()
 
 
+@dataclass
 class Router:
-    def __init__(
-        self, state: FleetState, catalogue: Catalogue, loader: Loader, retry_after_s: float, keepalive_interval_s: float
-    ) -> None:
-        self.state = state
-        self.catalogue = catalogue
-        self.loader = loader
-        self.retry_after_s = retry_after_s
-        self.keepalive_interval_s = keepalive_interval_s
-        self.affinity = Affinity()
+    state: FleetState
+    catalogue: Catalogue
+    loader: Loader
+    retry_after_s: float
+    keepalive_interval_s: float
+    affinity: Affinity = field(default_factory=Affinity)
+
+    def __post_init__(self) -> None:
         # Plain dicts: resolving runs on every request, and pydantic attribute access is slow.
-        self._aliases = dict(catalogue.aliases)
-        self._catalogued = set(catalogue.ids())
+        self._aliases = dict(self.catalogue.aliases)
+        self._catalogued = set(self.catalogue.ids())
 
     def resolve(self, name: str) -> str:
         """The model id behind a client's model name; 404 when neither catalogue nor fleet knows it."""

@@ -249,20 +249,26 @@ async def not_found(request: web.Request) -> web.Response:
     raise ApiError(404, f"No route {request.method} {request.path}", type="not_found_error")
 
 
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/version", get_version),
+    ("GET", "/discovery", get_discovery),
+    ("GET", "/health", get_health),
+    ("GET", "/models", get_models),
+    ("POST", "/models/load", post_load),
+    ("POST", "/models/unload", post_unload),
+    ("GET", "/models/{model_id:.+}/endpoint", get_endpoint),
+    ("POST", "/admin/defragment", post_defragment),
+    ("POST", "/admin/fault", post_fault),
+    ("POST", "/v1/chat/completions", post_chat),
+    ("POST", "/v1/completions", post_completions),
+    ("POST", "/v1/chat/tokenize", post_tokenize),
+    ("*", "/{tail:.*}", not_found),  # last: anything unmatched is a 404
+)
+
+
 def build_app(state: NeuronState) -> web.Application:
     app = web.Application(middlewares=[request_pipeline], client_max_size=state.config.max_request_bytes)
     app[STATE] = state
-    app.router.add_get("/version", get_version)
-    app.router.add_get("/discovery", get_discovery)
-    app.router.add_get("/health", get_health)
-    app.router.add_get("/models", get_models)
-    app.router.add_post("/models/load", post_load)
-    app.router.add_post("/models/unload", post_unload)
-    app.router.add_get("/models/{model_id:.+}/endpoint", get_endpoint)
-    app.router.add_post("/admin/defragment", post_defragment)
-    app.router.add_post("/admin/fault", post_fault)
-    app.router.add_post("/v1/chat/completions", post_chat)
-    app.router.add_post("/v1/completions", post_completions)
-    app.router.add_post("/v1/chat/tokenize", post_tokenize)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
     return app

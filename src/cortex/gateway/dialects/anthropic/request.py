@@ -4,7 +4,7 @@ Lenient where Anthropic's API is strict: unknown fields (`cache_control`, `think
 `context_management`, `output_config`, beta features...) are accepted and ignored, because
 clients send features a gateway in front of local models has no use for.
 Content blocks are validated by their `type`; a block type we cannot represent for a local model
-fails with a 400 that names it. Responses are built as plain dicts in `translate_anthropic`.
+fails with a 400 that names it. Replies are built as plain dicts in `reply.py` and `stream.py`.
 """
 
 from __future__ import annotations

@@ -61,8 +61,6 @@ def _add_sampling(body: dict[str, Any], req: MessagesRequest) -> None:
     body["max_tokens"] = req.max_tokens
     if req.stream:
         body["stream"] = True
-        # Prompt and completion token counts only arrive in the final usage chunk.
-        body["stream_options"] = {"include_usage": True}
     for name in ("temperature", "top_p", "top_k"):
         value = getattr(req, name)
         if value is not None:

@@ -3,7 +3,7 @@
 Lenient: unknown fields are ignored. What needs server-side state (`previous_response_id`,
 `conversation`, `item_reference` items, `background`) is refused with a 400 that says so, rather
 than answered as if the earlier turns did not exist. Response objects are built as plain dicts in
-`translate_responses`.
+`reply.py` and `stream.py`.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
         body["response_format"] = response_format
     if req.stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
     return body
 
 

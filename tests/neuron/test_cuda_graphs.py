@@ -200,3 +200,61 @@ def test_the_config_switch_reaches_the_engine(tmp_path: Path, tiny_model: Path) 
     with run_neuron(tmp_path, toml) as neuron:
         entry = wait_model_status(neuron.url, "tiny")
     assert entry["kv"]["cuda_graphs"]["reason"] == "disabled by config ([engine] cuda_graphs = false)"
+
+
+async def test_unload_frees_the_graphs_the_kv_pool_and_the_weights(tiny_model: Path) -> None:
+    """Nothing of a model with (stand-in) decode graphs outlives its unload: module, KV storage, static buffers."""
+    import gc
+    import weakref
+
+    from cortex.neuron.engine import GenerationRequest, SamplingParams
+
+    engine = Engine(["cpu"])
+    try:
+        model = await engine.load(LoadSpec("tiny", ModelSource("local", str(tiny_model)), device="cpu"))
+        runner = model._scheduler.runner
+        assert runner is not None and runner.kv is not None and runner.module is not None
+
+        def attach(runner: ModelRunner = runner) -> DecodeGraphs:
+            graphs = DecodeGraphs(runner, max_batch=4, max_blocks=64, backend=EagerReplay())
+            graphs.capture()
+            runner.graphs = graphs
+            return graphs
+
+        graphs = await model._worker.call(attach)
+        refs = {
+            "module": weakref.ref(runner.module),
+            "kv storage": weakref.ref(runner.kv.storage),
+            "graphs": weakref.ref(graphs),
+            "static ids": weakref.ref(graphs.input_ids),
+            "graph logits": weakref.ref(next(iter(graphs._graphs.values())).logits),
+        }
+        del graphs, runner
+        sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        async for _ in model.generate(GenerationRequest("r", [1, 2, 3], sampling)):
+            pass
+        assert model.kv_stats()["cuda_graphs"] is not None
+        assert await engine.unload(model) > 0
+        gc.collect()
+        assert [name for name, ref in refs.items() if ref() is not None] == []
+    finally:
+        engine.close()
+
+
+def test_released_graphs_and_runner_hold_nothing(prefilled: tuple[ModelRunner, KVPool]) -> None:
+    import gc
+    import weakref
+
+    runner, kv = prefilled
+    graphs = DecodeGraphs(runner, max_batch=2, max_blocks=8, backend=EagerReplay())
+    graphs.capture()
+    runner.graphs = graphs
+    assert runner.module is not None
+    module, storage = weakref.ref(runner.module), weakref.ref(kv.storage)
+    KV_HOLDER.clear()
+    del kv
+    runner.release()
+    assert graphs.runner is None and graphs.kv is None and not graphs._graphs
+    del graphs
+    gc.collect()
+    assert module() is None and storage() is None

@@ -100,6 +100,13 @@ class KVPool:
         self.value = [self.storage[layer, 1] for layer in range(num_layers)]
         self.bytes = self.storage.numel() * self.storage.element_size()
 
+    def release(self) -> None:
+        """Unload: drop the storage and its per-layer views (the memory goes once nobody else holds it)."""
+        empty = torch.empty(0, dtype=self.storage.dtype)
+        self.storage = empty
+        self.key = []
+        self.value = []
+
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Zero blocks never used before (CPU: their memory is uninitialised)."""
         if block_ids and self.storage.device.type == "cpu":

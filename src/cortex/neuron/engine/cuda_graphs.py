@@ -90,6 +90,8 @@ class GraphBackend(Protocol):
 
     def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]: ...
 
+    def release(self) -> None: ...
+
 
 class CudaGraphBackend:
     """The real thing: warm up on a side stream, then capture into a pool shared by all of a model's graphs."""
@@ -112,6 +114,10 @@ class CudaGraphBackend:
             self.pool = graph.pool()
         return graph.replay, output
 
+    def release(self) -> None:
+        """Forget the shared pool handle: once no graph uses it, `empty_cache` hands its memory back."""
+        self.pool = None
+
 
 class EagerReplay:
     """For tests on CPU: "replaying" runs the same step eagerly over the same static buffers."""
@@ -123,6 +129,9 @@ class EagerReplay:
             holder["out"].copy_(step())
 
         return replay, holder["out"]
+
+    def release(self) -> None:
+        return None
 
 
 @dataclass
@@ -265,6 +274,21 @@ class DecodeGraphs:
         finally:
             self._inside = False
 
+    def release(self) -> None:
+        """Unload: drop every graph, static buffer and the pool, and the references to the runner and KV pool.
+
+        A captured graph pins its private memory pool, and its replay closure (on CPU, `EagerReplay`)
+        pins the runner and through it the model; all of it must go for the allocator to return to its
+        baseline after an unload.
+        """
+        self._graphs.clear()
+        self.backend.release()
+        empty = torch.empty(0, dtype=torch.long)
+        self.input_ids = self.positions = self.slot_mapping = self.context_lens = self.keep = empty
+        self.block_tables = {}
+        self.runner = None  # type: ignore[assignment]
+        self.kv = None  # type: ignore[assignment]
+
     def _reset_buffers(self) -> None:
         """Back to all-padding, and the padding block back to zeros (capture wrote keys/values into it)."""
         self.input_ids.zero_()
@@ -303,6 +327,7 @@ def capture_decode_graphs(
         stats = graphs.capture(memory_budget)
     except Exception as exc:  # a model whose forward cannot be captured still serves, eagerly
         log.warning("CUDA graph capture failed; decoding eagerly", exc_info=exc)
+        graphs.release()  # the traceback still pins `graphs`: empty it so the pool really goes
         del graphs
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -228,9 +229,11 @@ class LoadedModel:
         self._unloaded = True
         self._scheduler.close()
         release_memory(self.info.device)
-        if self.module_alive:
-            log.warning("model %s: weights still referenced after unload", self.info.model_id)
-            return 0
+        module = self._module_ref()
+        if module is not None:  # its tensors were freed (runner.release), but say who keeps the object
+            holders = ", ".join(sorted({type(r).__name__ for r in gc.get_referrers(module)})) or "-"
+            log.warning("model %s: module object still referenced after unload (by %s)", self.info.model_id, holders)
+            del module
         if is_cuda(self.info.device):
             return before - cuda_allocated(self.info.device)
         return self.info.memory_bytes

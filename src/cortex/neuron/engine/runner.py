@@ -12,6 +12,7 @@ A 4-D placeholder `attention_mask` makes transformers' mask builders return it u
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from .types import DeviceFault, LoadError
 
 if TYPE_CHECKING:
     from .cuda_graphs import DecodeGraphs
+
+log = logging.getLogger(__name__)
 
 # Architectures whose attention layers call transformers' AttentionInterface with plain causal
 # self-attention (no sliding window, sinks, soft-capping or ALiBi), which the paged path reproduces.
@@ -128,9 +131,21 @@ class ModelRunner:
             self._pending_faults += count
 
     def release(self) -> None:
-        self.module = None
-        self.kv = None
+        """Unload: drop the graphs (and their pool), the KV pool and the weights.
+
+        The module's tensors are moved to the meta device first, so their memory is returned even if
+        something outside the engine still holds the module object (the caller of `Engine.adopt`, a
+        traceback); `LoadedModel._release` reports such a holder.
+        """
+        if self.graphs is not None:
+            self.graphs.release()
         self.graphs = None
+        if self.kv is not None:
+            self.kv.release()
+        self.kv = None
+        module, self.module = self.module, None
+        if module is not None:
+            strip_module(module)
 
     def _raise_injected_fault(self) -> None:
         if not self._pending_faults:
@@ -147,3 +162,12 @@ def _whole(length: int, blocks: torch.Tensor) -> PrefillChunk:
 
 def _last(length: int, device: torch.device) -> torch.Tensor:
     return torch.full((1,), length - 1, dtype=torch.long, device=device)
+
+
+def strip_module(module: torch.nn.Module) -> None:
+    """Replace every parameter and buffer of `module` with an empty meta tensor (frees their storage)."""
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            module.to("meta")
+    except Exception:  # never let freeing fail an unload: the references are dropped anyway
+        log.warning("could not move the model's tensors to the meta device on unload", exc_info=True)

@@ -100,6 +100,7 @@ class GatewaySection(_Strict):
     first_byte_timeout_s: float = Field(default=600.0, gt=0)
     # A client that stops reading its stream is cut off once a write has waited this long (nothing stays pinned).
     client_write_timeout_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM: how long in-flight requests may finish
     retry_after_s: float = Field(default=10.0, gt=0)  # Retry-After for recovering models and a full fleet
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -30,7 +30,7 @@ from cortex.gateway.dialects.responses import routes as responses_routes
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.pipeline import Access, Dialect, endpoint, render_error, request_pipeline
 from cortex.gateway.runtime import Gateway
-from cortex.hardening.http import HardenedRunner, harden
+from cortex.hardening.http import DRAIN, HardenedRunner, harden
 
 log = logging.getLogger("cortex.gateway")
 
@@ -127,7 +127,11 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        log_event(log, "gateway.stopping")
+        # Drain: new requests 503 + Retry-After, in-flight ones (streams included) finish within the bound.
+        drain = runners[0].app[DRAIN]
+        log_event(log, "gateway.stopping", in_flight=drain.in_flight, drain_timeout_s=gateway.config.drain_timeout_s)
+        if not await drain.drain(gateway.config.drain_timeout_s):
+            log_event(log, "gateway.drain_timeout", logging.WARNING, cut=drain.in_flight)
         for runner in runners:
             await runner.cleanup()
         await gateway.stop()

@@ -55,7 +55,8 @@ class ClientStream:
                 return
             limit = self.request.config_dict.get(WRITE_TIMEOUT, DEFAULT_WRITE_TIMEOUT_S)
             try:
-                await asyncio.wait_for(self.response.write(data), limit)
+                async with asyncio.timeout(limit):  # a timer, not a task per write: streams write often
+                    await self.response.write(data)
             except TimeoutError:
                 if self.request.transport is not None:
                     self.request.transport.abort()

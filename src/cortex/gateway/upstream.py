@@ -144,6 +144,13 @@ class Upstream:
                 response = await self.session.post(
                     self._url(node.endpoint, path), data=payload, headers=headers, timeout=timeout
                 )
+                if response.status == 503 and await _draining(response):
+                    # The neuron is shutting down (SIGTERM): nothing was generated, so another replica may serve.
+                    lease.release()
+                    failures.append(f"neuron '{node.name}' is draining")
+                    excluded.add(node.name)
+                    await self.probe(node)  # its /health says draining (503): marked unhealthy, routed around
+                    continue
                 return Exchange(lease, response)
             except TimeoutError as exc:  # aiohttp's ServerTimeoutError: no connection, or no answer, in time
                 lease.release()
@@ -232,3 +239,10 @@ def upstream_error(status: int, raw: bytes, headers: CIMultiDict[str] | Any) -> 
     return UpstreamError(
         status, raw, content_type, message=text[:500] or f"neuron error {status}", retry_after=retry_after
     )
+
+
+async def _draining(response: aiohttp.ClientResponse) -> bool:
+    """Whether a 503 is a neuron's drain refusal (hardening/http.py `Drain`); the body is read either way."""
+    body = decode(await response.read())
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("code") == "draining"

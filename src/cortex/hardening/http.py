@@ -16,6 +16,10 @@ body as JSON, so:
 
 Decoding in the middleware instead of the parser keeps a corrupt body that request's own 400: the
 parser never fails mid-body, so the connection and the next request on it are untouched.
+
+The same middleware counts requests in flight for a graceful stop (`Drain`, `app[DRAIN]`): once a
+daemon drains, new requests get 503 + Retry-After (`/health` says `draining`, so a gateway routes
+around a draining neuron) while the ones in flight finish, up to the daemon's `drain_timeout_s`.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, ConnectionError):  # a client that went away is not an error
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         else:
             self.log_debug("Bad request from %s: %s", request.remote, message or exc)
@@ -123,8 +127,50 @@ class HardenedRunner(web.AppRunner):
         return server
 
 
+class Drain:
+    """Requests in flight, and whether the daemon is stopping (then new ones are refused with 503)."""
+
+    def __init__(self, retry_after_s: float = 5.0) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.retry_after_s = retry_after_s
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests from now on; True once those in flight finished, False after `timeout_s`."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def refusal(self, request: web.Request, render: Render) -> web.StreamResponse:
+        headers = {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        if request.path == "/health":  # what load balancers and the gateway's poller read: route elsewhere
+            return web.json_response({"status": "draining"}, status=503, headers=headers)
+        return render(
+            request,
+            ApiError(503, "this server is shutting down: retry", code="draining", retry_after=self.retry_after_s),
+        )
+
+
+DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
+
+
 def harden(app: web.Application, render: Render, *, max_body_bytes: int) -> web.Application:
-    """Add body decoding, the last-resort JSON error answer and the banner removal to `app` (before startup)."""
+    """Add body decoding, the last-resort JSON error, draining and the banner removal to `app` (before startup)."""
+    app[DRAIN] = Drain()
     app.middlewares.insert(0, _guard(render, max_body_bytes))
     app.on_response_prepare.append(_no_banner)
     return app
@@ -137,6 +183,10 @@ async def _no_banner(request: web.Request, response: web.StreamResponse) -> None
 def _guard(render: Render, max_body_bytes: int) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        drain = request.app[DRAIN]
+        if drain.draining:
+            return drain.refusal(request, render)
+        drain.enter()
         try:
             await decode_body(request, max_body_bytes)
             await check_json_depth(request)
@@ -152,6 +202,8 @@ def _guard(render: Render, max_body_bytes: int) -> Any:
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return render(request, ApiError(500, "Internal error in the server; see its log", code="internal_error"))
+        finally:
+            drain.leave()
 
     return guard
 

@@ -98,6 +98,7 @@ class NeuronConfig(_Strict):
     # `sha256:<hex>`, `env:NAME` or `file:PATH` (core/secrets.py). Required to listen beyond loopback.
     token: str | None = None
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM: how long in-flight requests may finish
     fault_injection: bool = False  # enables POST /admin/fault (tests only)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import log_event
-from cortex.hardening.http import HardenedRunner, harden
+from cortex.hardening.http import DRAIN, HardenedRunner, harden
 from cortex.neuron.app import NeuronState, build_app, error_response
 from cortex.neuron.config import NeuronConfig, parse_listen
 from cortex.neuron.engine import Engine, KVBudget
@@ -60,7 +60,10 @@ async def serve(config: NeuronConfig) -> None:
     try:
         await stop.wait()
     finally:
-        log_event(log, "neuron.stopping")
+        # Drain: new requests 503 (and /health says draining, so gateways route around), in-flight ones finish.
+        log_event(log, "neuron.stopping", in_flight=app[DRAIN].in_flight, drain_timeout_s=config.drain_timeout_s)
+        if not await app[DRAIN].drain(config.drain_timeout_s):
+            log_event(log, "neuron.drain_timeout", logging.WARNING, cut=app[DRAIN].in_flight)
         await runner.cleanup()
         await state.lifecycle.close()
         state.requests.close()

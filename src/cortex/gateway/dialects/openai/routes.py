@@ -117,11 +117,11 @@ class OpenAIRoutes:
                         if stripped is None:
                             continue
                         event = stripped
-                    await client.response.write(event)
-                await client.response.write(DONE)
+                    await client.write(event)  # bounded: a client that stops reading is cut off
+                await client.write(DONE)
         except ApiError as err:
             if not client.started:
                 raise  # nothing sent yet: the pipeline answers with the error
             # A started stream ends with an OpenAI error event; the handler returning closes it at once.
-            await client.response.write(encode_data(err.openai_body()))
+            await client.write(encode_data(err.openai_body()))
         return client.response

@@ -66,7 +66,7 @@ class ModelSlot:
             harness=self.config.harness,
             devices=[self.device.index] if self.device else [],
             device_kind=self.device.kind if self.device else None,
-            vram_used_mb=round(info.memory_bytes / 2**20) if info else 0,
+            vram_used_mb=round(held_bytes(self.loaded) / 2**20) if self.loaded else 0,
             limit=ModelLimit(context=info.context_length if info else None),
             tool_call=bool(info and info.tool_call_format),
             tool_call_format=info.tool_call_format if info else None,
@@ -80,6 +80,12 @@ class ModelSlot:
             error=self.error,
             kv=kv_stats(self.loaded),
         )
+
+
+def held_bytes(loaded: LoadedModel) -> int:
+    """What a loaded model holds on its device: weights + KV pool + CUDA graphs (`LoadedModel.memory_bytes`)."""
+    held = getattr(loaded, "memory_bytes", None)
+    return held if isinstance(held, int) else loaded.info.memory_bytes
 
 
 def kv_stats(loaded: LoadedModel | None) -> KvStats | None:
@@ -105,7 +111,7 @@ class Lifecycle:
 
     def cpu_used_mb(self) -> int:
         return sum(
-            round(s.loaded.info.memory_bytes / 2**20)
+            round(held_bytes(s.loaded) / 2**20)
             for s in self.slots.values()
             if s.loaded is not None and s.device is not None and s.device.kind == "cpu"
         )
@@ -207,14 +213,14 @@ class Lifecycle:
             "model.load.done",
             model=slot.model_id,
             seconds=slot.load_seconds,
-            memory_mb=round(loaded.info.memory_bytes / 2**20),
+            memory_mb=round(held_bytes(loaded) / 2**20),
         )
 
     def _check_cpu_budget(self, slot: ModelSlot, loaded: LoadedModel) -> None:
         if slot.device is None or slot.device.kind != "cpu":
             return
         others = self.cpu_used_mb()
-        need = round(loaded.info.memory_bytes / 2**20)
+        need = round(held_bytes(loaded) / 2**20)
         budget = slot.device.vram_total_mb
         if others + need > budget:
             slot.loaded = loaded  # so _fail unloads it

@@ -32,7 +32,11 @@ def start_default_models(state: NeuronState) -> None:
 async def serve(config: NeuronConfig) -> None:
     hardware = Hardware(config.devices)
     cpu = next((d for d in hardware.devices if d.kind == "cpu"), None)  # its KV pool is a share of this budget
-    kv_budget = KVBudget(cpu_budget_bytes=cpu.vram_total_mb * 2**20 if cpu is not None else None)
+    kv_budget = KVBudget(
+        cuda_fraction=config.engine.kv_memory_fraction,
+        cuda_max_bytes=config.engine.kv_memory_max_mb * 2**20,
+        cpu_budget_bytes=cpu.vram_total_mb * 2**20 if cpu is not None else None,
+    )
     engine = Engine(
         [d.torch_name for d in hardware.devices], kv_budget=kv_budget, cuda_graphs=config.engine.cuda_graphs
     )

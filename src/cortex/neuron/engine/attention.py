@@ -99,6 +99,15 @@ class KVPool:
         self.key = [self.storage[layer, 0] for layer in range(num_layers)]
         self.value = [self.storage[layer, 1] for layer in range(num_layers)]
         self.bytes = self.storage.numel() * self.storage.element_size()
+        self.block_bytes = self.bytes // num_blocks
+        # Blocks whose memory is really committed: all of them on CUDA (zero-filled at once); on CPU the
+        # padding block and each block zeroed when first handed out (the rest is untouched virtual memory).
+        self.committed_blocks = 1 if lazy else num_blocks
+
+    @property
+    def committed_bytes(self) -> int:
+        """What the pool really holds now (the model's memory figure counts this, not the virtual size)."""
+        return self.committed_blocks * self.block_bytes
 
     def release(self) -> None:
         """Unload: drop the storage and its per-layer views (the memory goes once nobody else holds it)."""
@@ -106,12 +115,14 @@ class KVPool:
         self.storage = empty
         self.key = []
         self.value = []
+        self.committed_blocks = 0
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Zero blocks never used before (CPU: their memory is uninitialised)."""
         if block_ids and self.storage.device.type == "cpu":
             index = torch.tensor(block_ids, dtype=torch.long)
             self.storage.index_fill_(2, index, 0)
+            self.committed_blocks += len(block_ids)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

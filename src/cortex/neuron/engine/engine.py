@@ -81,6 +81,8 @@ class LoadedModel:
         blocks = kv_pool_blocks(pool_bytes, shape.bytes_per_token, weights.info.context_length, kv_budget)
         pool = KVPool(shape.layers, blocks, kv_budget.block_size, shape.kv_heads, shape.head_dim, shape.dtype, device)
         self._kv_bytes = pool.bytes
+        self._kv_pool: KVPool | None = pool
+        self._weights_bytes = weights.info.memory_bytes
         self._scheduler = Scheduler(
             worker,
             ModelRunner(weights.module, weights.info.device, pool),
@@ -163,11 +165,24 @@ class LoadedModel:
             "blocks_cached": blocks.cached_blocks,
             "tokens_capacity": blocks.usable_blocks * blocks.block_size,
             "bytes": self._kv_bytes,
+            "bytes_committed": self._kv_pool.committed_bytes if self._kv_pool is not None else 0,
             "prefix_hit_tokens": blocks.hit_tokens,
             "prefix_lookup_tokens": blocks.lookup_tokens,
             "preemptions": self._scheduler.preemptions,
             "cuda_graphs": self.graph_stats.as_dict(),
         }
+
+    @property
+    def memory_bytes(self) -> int:
+        """All the device memory this model holds: weights + KV pool (on CPU: its committed blocks) + graphs.
+
+        `/models` reports it as `vram_used_mb` and the neuron's CPU budget counts it, since the gateway
+        places and evicts models by it; `info.memory_bytes` stays the weights alone.
+        """
+        if self._unloaded:
+            return 0
+        kv = self._kv_pool.committed_bytes if self._kv_pool is not None else 0
+        return self._weights_bytes + kv + self.graph_stats.memory_bytes
 
     @property
     def sequence_capacity(self) -> int:
@@ -227,6 +242,7 @@ class LoadedModel:
             return 0  # a second unload raced the first
         before = cuda_allocated(self.info.device) if is_cuda(self.info.device) else 0
         self._unloaded = True
+        self._kv_pool = None
         self._scheduler.close()
         release_memory(self.info.device)
         module = self._module_ref()
@@ -359,7 +375,13 @@ class Engine:
             baseline = cuda_allocated(device) if is_cuda(device) else 0
             module, tokenizer = build()
             module = module.to(device).eval()
-            memory = cuda_allocated(device) - baseline if is_cuda(device) else module_bytes(module)
+            # CUDA: the allocator's delta, but never less than the tensors themselves (a build that
+            # allocated before `baseline`, e.g. through a cached block, must not read as 0).
+            memory = (
+                max(cuda_allocated(device) - baseline, module_bytes(module))
+                if is_cuda(device)
+                else module_bytes(module)
+            )
             source = ModelSource("local", "<in-process>")
             spec = LoadSpec(model_id, source, device=device, context_length=context_length)
             info = describe(spec, module.config, module, tokenizer, memory)

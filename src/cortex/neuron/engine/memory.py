@@ -87,13 +87,15 @@ def _malloc_trim() -> None:
 class KVBudget:
     """How much memory a model's paged KV pool may take (an explicit share: co-resident models must fit).
 
-    CUDA: `cuda_fraction` of the device memory free once the weights are loaded. CPU: `cpu_fraction`
+    CUDA: `cuda_fraction` of the device memory free once the weights are loaded, at most `cuda_max_bytes`
+    (`[engine] kv_memory_fraction` / `kv_memory_max_mb`). CPU: `cpu_fraction`
     of the CPU device budget (`cpu_budget_bytes`, the neuron's `[devices]` budget; default half of the
     host's RAM), or `cpu_bytes` exactly. Either way the pool holds at least one full context and at most
     `max_contexts` of them (more could never be used at once by the sequences a batch runs).
     """
 
     cuda_fraction: float = 0.5
+    cuda_max_bytes: int | None = 32 * 2**30  # ~230k tokens of an 8B model's KV: 32 streams of 7k tokens
     cpu_fraction: float = 0.25
     cpu_budget_bytes: int | None = None
     cpu_bytes: int | None = None
@@ -105,7 +107,8 @@ def kv_pool_bytes(device: str, budget: KVBudget) -> int:
     """Worker thread, after the weights are loaded: the bytes the KV pool may take on `device`."""
     if is_cuda(device):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * budget.cuda_fraction)
+        share = int(free * budget.cuda_fraction)
+        return share if budget.cuda_max_bytes is None else min(share, budget.cuda_max_bytes)
     if budget.cpu_bytes is not None:
         return budget.cpu_bytes
     host = budget.cpu_budget_bytes

@@ -13,8 +13,6 @@ R = TypeVar("R", bound=BaseModel)
 
 _BRANCH_LABEL = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*)$|\[")
 
-R = TypeVar("R", bound=BaseModel)
-
 
 def _clean_location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc if not (isinstance(part, str) and _BRANCH_LABEL.search(part)))

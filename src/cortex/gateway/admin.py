@@ -23,8 +23,8 @@ from cortex.core.errors import ApiError, bad_request, model_not_found
 from cortex.core.gateway_config import EvictionSection
 from cortex.core.neuron_api import ModelStatus
 from cortex.gateway.bodies import json_response, read_json
+from cortex.gateway.cold_loads import Loader
 from cortex.gateway.evictor import Evictor
-from cortex.gateway.loader import Loader
 from cortex.gateway.neuron_client import NeuronRefused, NeuronUnreachable
 from cortex.gateway.pipeline import Access, endpoint
 from cortex.gateway.placement import feasible_anywhere

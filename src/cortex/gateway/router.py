@@ -7,7 +7,7 @@
 3. Recovering (or poisoned, which its neuron is recovering) somewhere → 503 with Retry-After, no
    duplicate load.
 4. Loading somewhere → wait for that load.
-5. In the catalogue → cold-load it (single-flight, see loader.py) and route there.
+5. In the catalogue → cold-load it (single-flight, see cold_loads.py) and route there.
 6. Otherwise 404 `model_not_found`.
 
 Picking a replica and counting the request on it happen without an await in between, so the
@@ -23,8 +23,8 @@ from cortex.core.catalogue import Catalogue
 from cortex.core.errors import ApiError, model_not_found
 from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
 from cortex.gateway.affinity import Affinity
+from cortex.gateway.cold_loads import Loader, LoadJob
 from cortex.gateway.keepalive import OnIdle, with_keepalive
-from cortex.gateway.loader import Loader, LoadJob
 from cortex.gateway.state import FleetState, Node, Replica
 
 KeepAlive = OnIdle

@@ -19,9 +19,9 @@ from cortex.core.gateway_config import FleetConfig, GatewaySection, parse_listen
 from cortex.core.logs import log_event
 from cortex.core.secrets import digest, is_loopback
 from cortex.gateway.accounting import Accounting
+from cortex.gateway.cold_loads import Loader
 from cortex.gateway.evictor import EvictionPolicy, Evictor
 from cortex.gateway.limits import KeyPolicy, Limiter
-from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.pipeline import Auth
 from cortex.gateway.placement import Placer

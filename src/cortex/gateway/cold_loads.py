@@ -31,7 +31,7 @@ from cortex.gateway.placement import NoPlacement, Placer, Plan
 from cortex.gateway.poller import Poller
 from cortex.gateway.state import FleetState, Node, Reservation
 
-log = logging.getLogger("cortex.gateway.loader")
+log = logging.getLogger("cortex.gateway.cold_loads")
 
 # A neuron answers 202 before the model shows in /models only if its bookkeeping lags; allow a few reads.
 _MISSING_GRACE_READS = 8

@@ -37,8 +37,9 @@ def test_batch_buckets_double_up_to_the_maximum() -> None:
     assert batch_buckets(0) == []
 
 
-def test_width_buckets_grow_fourfold_from_a_short_context() -> None:
-    assert width_buckets(2560, 16) == [16, 64, 256, 1024, 2560]  # 256 .. 40960 tokens
+def test_width_buckets_double_to_2048_tokens_then_grow_fourfold() -> None:
+    assert width_buckets(2560, 16) == [16, 32, 64, 128, 512, 2048, 2560]  # 256, 512, 1k, 2k, 8k, 32k, 40k tokens
+    assert width_buckets(2048, 16) == [16, 32, 64, 128, 512, 2048]  # a 32k context: 6 widths
     assert width_buckets(8, 16) == [8]  # a context shorter than the first bucket
     assert width_buckets(16, 16) == [16]
 
@@ -258,3 +259,44 @@ def test_released_graphs_and_runner_hold_nothing(prefilled: tuple[ModelRunner, K
     del graphs
     gc.collect()
     assert module() is None and storage() is None
+
+
+def mixed_batch(kv: KVPool, rows: list[int], tokens: list[int], sampling: bool) -> StepBatch:
+    """Decode rows for `rows`, then a 3-token prefill chunk of a new sequence in block 10 (sampling or not)."""
+    decode = decode_batch(rows, tokens)
+    n = len(rows)
+    chunk = [4, 5, 6]
+    ids = torch.cat([decode.input_ids[0], torch.tensor(chunk)])[None]
+    positions = torch.cat([decode.positions[0], torch.arange(3)])[None]
+    slots = torch.cat([decode.context.slot_mapping, torch.tensor([40, 41, 42])])
+    keep = torch.cat([torch.arange(n), torch.tensor([n + 2])]) if sampling else torch.arange(n)
+    context = AttentionContext(
+        kv,
+        slots,
+        num_decode=n,
+        block_tables=decode.context.block_tables,
+        context_lens=decode.context.context_lens,
+        prefills=[PrefillChunk(n, 3, 3, torch.tensor([10]), None)],
+    )
+    return StepBatch(ids, positions, keep, context)
+
+
+@pytest.mark.parametrize("sampling", [True, False])
+def test_a_mixed_step_runs_its_decoders_from_the_graph_and_equals_the_eager_step(
+    prefilled: tuple[ModelRunner, KVPool], sampling: bool
+) -> None:
+    runner, kv = prefilled
+    before = kv.storage.clone()
+    with torch.inference_mode():
+        eager = runner.forward(mixed_batch(kv, [0, 2], [17, 23], sampling)).clone()
+    eager_kv = kv.storage.clone()
+    kv.storage.copy_(before)
+    graphs = DecodeGraphs(runner, max_batch=4, max_blocks=8, backend=EagerReplay())
+    graphs.capture()
+    runner.graphs = graphs
+    with torch.inference_mode():
+        mixed = runner.forward(mixed_batch(kv, [0, 2], [17, 23], sampling))
+    assert (graphs.stats.replays, graphs.stats.mixed_replays) == (1, 1)
+    assert mixed.shape == eager.shape == (3 if sampling else 2, 97)
+    torch.testing.assert_close(mixed, eager, rtol=0, atol=1e-12)
+    torch.testing.assert_close(kv.storage[:, :, 1:], eager_kv[:, :, 1:], rtol=0, atol=1e-12)

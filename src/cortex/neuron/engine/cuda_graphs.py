@@ -27,6 +27,7 @@ swap in a backend that runs the same forward eagerly over the same buffers (`Eag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 PAD_SLOT = 0  # slot 0 of the reserved padding block 0
 MIN_WIDTH_TOKENS = 256  # the narrowest block-table bucket, in tokens
-WIDTH_GROWTH = 4  # each width bucket is this many times the previous one
+FINE_WIDTH_TOKENS = 2048  # up to here widths double (chat-sized contexts pay for at most 2x their length)
+WIDTH_GROWTH = 4  # beyond it each width bucket is this many times the previous one
 MAX_GRAPH_BATCH = 256
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # attention temporaries one captured step may need
 
@@ -62,14 +64,16 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def width_buckets(max_blocks: int, block_size: int) -> list[int]:
-    """Block-table widths (in blocks): from ~MIN_WIDTH_TOKENS, growing WIDTH_GROWTH-fold, ending at `max_blocks`."""
+    """Block-table widths (in blocks): from ~MIN_WIDTH_TOKENS, doubling up to FINE_WIDTH_TOKENS, then growing
+    WIDTH_GROWTH-fold, ending at `max_blocks`. A decode step gathers its bucket's whole width of keys and
+    values per layer, so a 300-token context in a 1,024-token bucket moved 3x the memory it needed."""
     if max_blocks < 1:
         return []
     width = min(max_blocks, max(1, -(-MIN_WIDTH_TOKENS // block_size)))
     widths = []
     while width < max_blocks:
         widths.append(width)
-        width *= WIDTH_GROWTH
+        width *= 2 if width * block_size < FINE_WIDTH_TOKENS else WIDTH_GROWTH
     widths.append(max_blocks)
     return widths
 
@@ -146,6 +150,7 @@ class GraphStats:
     widths_tokens: list[int] = field(default_factory=list)
     memory_bytes: int = 0
     replays: int = 0
+    mixed_replays: int = 0  # of which steps that also had prefill chunks (run eagerly beside the graph)
     eager_decodes: int = 0  # decode-only steps no graph covered
 
     def as_dict(self) -> dict[str, Any]:
@@ -158,6 +163,7 @@ class GraphStats:
             "widths_tokens": self.widths_tokens,
             "memory_mb": round(self.memory_bytes / 2**20),
             "replays": self.replays,
+            "mixed_replays": self.mixed_replays,
             "eager_decodes": self.eager_decodes,
         }
 
@@ -238,6 +244,47 @@ class DecodeGraphs:
         captured.replay()
         self.stats.replays += 1
         return captured.logits[:n]
+
+    def forward_mixed(self, batch: StepBatch, eager: Callable[[StepBatch], torch.Tensor]) -> torch.Tensor | None:
+        """A step with decode rows AND prefill chunks: decode rows from their graph, the chunks by `eager`.
+
+        Without this, any step with a new prompt in it ran all its decoders eagerly, and with streams
+        arriving at random most steps do. Two launches instead of one, the same kernels for the chunks.
+        The decode rows come first in the packed batch and in `keep` (the scheduler's layout), so the
+        logits are [decode rows' logits; the sampling chunks' logits]. None: no graph covers the decode
+        part (the caller runs the whole step eagerly).
+        """
+        context = batch.context
+        n = context.num_decode
+        if self._inside or not n or not context.prefills or batch.keep.shape[0] < n:
+            return None
+        decode = StepBatch(
+            batch.input_ids[:, :n],
+            batch.positions[:, :n],
+            batch.keep[:n],
+            AttentionContext(
+                context.kv,
+                context.slot_mapping[:n],
+                num_decode=n,
+                block_tables=context.block_tables,
+                context_lens=context.context_lens,
+            ),
+        )
+        logits = self.replay(decode)
+        if logits is None:
+            return None
+        self.stats.mixed_replays += 1
+        tokens = batch.input_ids.shape[1]
+        sampling = batch.keep.shape[0] - n  # chunks that end their prompt and sample
+        chunks = [dataclasses.replace(chunk, q_start=chunk.q_start - n) for chunk in context.prefills]
+        prefill = StepBatch(
+            batch.input_ids[:, n:],
+            batch.positions[:, n:],
+            batch.keep[n:] - n if sampling else batch.keep.new_full((1,), tokens - n - 1),
+            AttentionContext(context.kv, context.slot_mapping[n:], prefills=chunks),
+        )
+        chunk_logits = eager(prefill)
+        return torch.cat([logits, chunk_logits]) if sampling else logits
 
     def _load(self, batch: StepBatch, n: int, width: int, b: int, w: int) -> None:
         """Copy a step's inputs into the static buffers; rows n..b and columns width..w are padding."""

@@ -91,8 +91,17 @@ class ModelRunner:
         self._raise_injected_fault()
         if self.module is None:
             raise DeviceFault("model was released")
-        if self.graphs is not None and (logits := self.graphs.replay(batch)) is not None:
-            return logits  # a decode-only step a captured graph covers
+        if self.graphs is not None:
+            if batch.context.prefills:  # decode rows from their graph, prefill chunks eagerly beside it
+                logits = self.graphs.forward_mixed(batch, self._eager)
+            else:
+                logits = self.graphs.replay(batch)  # a decode-only step a captured graph covers
+            if logits is not None:
+                return logits
+        return self._eager(batch)
+
+    def _eager(self, batch: StepBatch) -> torch.Tensor:
+        assert self.module is not None
         set_context(batch.context)
         try:
             output = self.module(

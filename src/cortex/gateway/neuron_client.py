@@ -52,6 +52,16 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def plain_reason(exc: BaseException) -> str:
+    """What a client is told about a failure reaching a neuron: its kind, never an address or a raw error
+    (`describe` has those, for the log under the request id)."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "its answer broke off"
+    return "the connection was lost"
+
+
 def decode(raw: bytes) -> Any:
     try:
         return orjson.loads(raw) if raw else None

@@ -27,6 +27,7 @@ iteration), 503 recovering or no capacity, 504 load timeout, and a neuron's own 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,14 +38,16 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from cortex.core.errors import ApiError
-from cortex.core.logs import request_id_var
+from cortex.core.logs import log_event, request_id_var
 from cortex.core.sse import EVENT_END, event_data
 from cortex.gateway.accounting import Accounting, RequestRecord, error_type
 from cortex.gateway.affinity import prefix_key
 from cortex.gateway.limits import check_model
-from cortex.gateway.neuron_client import describe
+from cortex.gateway.neuron_client import describe, plain_reason
 from cortex.gateway.router import KeepAlive, Router
 from cortex.gateway.upstream import STREAM_ERRORS, Exchange, Upstream, upstream_error
+
+log = logging.getLogger("cortex.gateway.relay")
 
 # Status logged for a request whose client went away before an answer (nginx's convention).
 CLIENT_CLOSED = 499
@@ -225,7 +228,8 @@ class RelayStream:
             try:
                 event = await content.readuntil(EVENT_END, max_size=MAX_EVENT_BYTES)
             except STREAM_ERRORS as exc:
-                raise interrupted(node, describe(exc)) from None
+                log_event(log, "upstream.stream_broken", logging.WARNING, node=node, error=describe(exc))
+                raise interrupted(node, plain_reason(exc)) from None
             if not event.endswith(EVENT_END):
                 raise interrupted(node, "the stream ended before [DONE]")
             if event.startswith(b"data: [DONE]"):

@@ -35,7 +35,7 @@ from yarl import URL
 from cortex.core.errors import ApiError
 from cortex.core.logs import REQUEST_ID_HEADER, log_event
 from cortex.gateway.accounting import RequestRecord
-from cortex.gateway.neuron_client import decode, describe
+from cortex.gateway.neuron_client import decode, describe, plain_reason
 from cortex.gateway.router import KeepAlive, Lease, Router
 from cortex.gateway.state import Node
 
@@ -80,8 +80,9 @@ class Exchange:
             raw = await self.response.read()
         except STREAM_ERRORS as exc:
             self.close(abort=True)
+            log_event(log, "upstream.read_failed", logging.WARNING, node=self.node, error=describe(exc))
             raise ApiError(
-                502, f"neuron '{self.node}' failed mid-response: {describe(exc)}", code="upstream_unreachable"
+                502, f"neuron '{self.node}' failed mid-response: {plain_reason(exc)}", code="upstream_unreachable"
             ) from None
         except BaseException:
             self.close(abort=True)  # cancelled: the client went away, so the neuron must stop too
@@ -164,7 +165,7 @@ class Upstream:
                     raise ApiError(504, "; ".join(failures), code="upstream_timeout", retry_after=5) from None
             except CONNECTION_ERRORS as exc:
                 lease.release()
-                failures.append(f"neuron '{node.name}' is unreachable: {describe(exc)}")
+                failures.append(f"neuron '{node.name}' is unreachable: {plain_reason(exc)}")
                 log_event(log, "upstream.connect_failed", logging.WARNING, node=node.name, error=describe(exc))
                 # A stale pooled connection fails once on a live node: retry it only if it answers a probe.
                 if not await self.probe(node) or len(failures) > 1:

@@ -38,7 +38,7 @@ from .grammar import CompiledGrammar, Grammar, TokenMask, compiler_for, json_obj
 from .logprobs import MAX_TOP_LOGPROBS, step_logprobs, unpack
 from .runner import ModelRunner, StepBatch
 from .sampling import RowParams, SamplingBatch, validate_sampling
-from .sequence import Sequence
+from .sequence import Delivery, Sequence, deliver_many
 from .types import DeviceFault, EngineError, GenerationRequest
 from .worker import DeviceWorker, WorkerClosed
 
@@ -273,6 +273,7 @@ class Scheduler:
             return
         now = perf_counter()
         decoded = 0
+        outbox: list[tuple[Sequence, Delivery]] = []  # this step's events, handed to the loop at once
         for item, outcome in outcomes:
             sequence = item.sequence
             if isinstance(outcome, EngineError):  # this request's fault: it alone fails, nothing is poisoned
@@ -283,7 +284,8 @@ class Scheduler:
             self.blocks.register(sequence.table, sequence.tokens, sequence.computed)
             if outcome is not None:
                 decoded += 1 if sequence.output is not None and sequence.output.generated >= 1 else 0
-                self._settle(sequence, outcome, now)
+                self._settle(sequence, outcome, now, outbox)
+        deliver_many(outbox)
         self.rate.record(decoded, now - started)
 
     def _plan(self) -> list[Work]:
@@ -420,7 +422,7 @@ class Scheduler:
     def _row(self, sequence: Sequence) -> RowParams:
         return RowParams(sequence.params, sequence.seed, len(sequence.tokens), sequence.seen, sequence.counts)
 
-    def _settle(self, sequence: Sequence, token_id: int, now: float) -> None:
+    def _settle(self, sequence: Sequence, token_id: int, now: float, outbox: list[tuple[Sequence, Delivery]]) -> None:
         try:
             events = sequence.accept(token_id, now)
         except Exception as exc:  # a host-side bug for this sequence only: never poison the model for it
@@ -431,7 +433,7 @@ class Scheduler:
         if sequence.output is not None and sequence.output.done:
             self._retire(sequence)  # before delivering, so in_flight is already down when the consumer sees Finished
         if events:
-            sequence.deliver(events)
+            outbox.append((sequence, events))
 
     def _retire(self, sequence: Sequence) -> None:
         self.blocks.free(sequence.table)

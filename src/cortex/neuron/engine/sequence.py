@@ -188,3 +188,25 @@ class Sequence:
             self.loop.call_soon_threadsafe(self.channel.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled = True
+
+
+def deliver_many(items: list[tuple[Sequence, Delivery]]) -> None:
+    """Worker thread: a whole step's deliveries with ONE wake-up of each event loop.
+
+    `call_soon_threadsafe` writes to the loop's self-pipe every time; per sequence per token that is a
+    syscall and a loop wake-up for each of B streams, which a decode step of a large batch cannot afford.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Delivery]]] = {}
+    for sequence, item in items:
+        by_loop.setdefault(sequence.loop, []).append((sequence, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for sequence, _ in batch:
+                sequence.cancelled = True
+
+
+def _put_all(batch: list[tuple[Sequence, Delivery]]) -> None:
+    for sequence, item in batch:
+        sequence.channel.put_nowait(item)

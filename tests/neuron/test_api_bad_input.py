@@ -29,7 +29,7 @@ async def post(http: aiohttp.ClientSession, url: str, path: str, data: Any) -> t
         ({"model": TINY, "messages": HELLO, "temperature": "hot"}, 400, "temperature"),
         ({"model": TINY, "messages": HELLO, "max_tokens": -3}, 400, "max_tokens"),
         ({"model": TINY, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-        ({"model": TINY, "messages": HELLO, "n": 2}, 400, "n"),
+        ({"model": TINY, "messages": HELLO, "n": 17}, 400, "n"),  # at most 16 choices
         ({"messages": HELLO}, 400, "model"),
         ({"model": "no-such-model", "messages": HELLO}, 404, "model_not_found"),
     ],

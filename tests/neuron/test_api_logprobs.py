@@ -96,3 +96,43 @@ async def test_bad_logprobs_requests(neuron: Daemon, http: aiohttp.ClientSession
     assert "top_logprobs" in reply["error"]["message"]
     if param:
         assert reply["error"]["param"] == param
+
+
+# --- n > 1 --------------------------------------------------------------------------------------------
+
+
+async def test_n_choices(neuron: Daemon, http: aiohttp.ClientSession) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3, "logprobs": True}
+    status, reply = await _post(http, neuron.url, "/v1/chat/completions", body)
+    assert status == 200, reply
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in choices}) > 1, "each choice draws its own tokens"
+    assert all(c["logprobs"]["content"] for c in choices)
+    single = {**body, "n": 1}
+    _, alone = await _post(http, neuron.url, "/v1/chat/completions", single)
+    assert alone["choices"][0]["message"]["content"] == choices[0]["message"]["content"], "choice 0 is the seed's"
+    assert reply["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+    assert reply["usage"]["completion_tokens"] >= alone["usage"]["completion_tokens"] * 2
+
+
+async def test_n_choices_stream(neuron: Daemon, http: aiohttp.ClientSession) -> None:
+    body = {"prompt": "One, two,", "max_tokens": 6, "temperature": 0.9, "seed": 3, "n": 2}
+    chunks = await _stream(http, neuron.url, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+            if choice["finish_reason"]:
+                finishes[choice["index"]] = choice["finish_reason"]
+    assert set(finishes) == {0, 1}
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert len(usage) == 1 and usage[0]["completion_tokens"] == 12
+    _, whole = await _post(http, neuron.url, "/v1/completions", body)
+    assert [c["text"] for c in whole["choices"]] == [texts[0], texts[1]]
+
+
+async def test_too_many_choices(neuron: Daemon, http: aiohttp.ClientSession) -> None:
+    status, reply = await _post(http, neuron.url, "/v1/chat/completions", {"messages": MESSAGES, "n": 17})
+    assert status == 400 and reply["error"]["param"] == "n"

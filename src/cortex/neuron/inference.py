@@ -4,10 +4,14 @@ A request arrives here mapped (requests.py) and leaves rendered (replies.py); th
 validates it with the engine before anything is sent, holds an admission slot while it generates
 on the device worker (`LoadedModel.generate`), turns a device fault into a 503 for this request
 (and poisons the model for recovery), and moves events to the client.
+
+`n > 1`: the first choice starts alone; the others start once it has produced output, so their
+prompt's KV blocks come from the prefix cache instead of being computed n times.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -31,8 +35,8 @@ from cortex.neuron.engine.types import (
 )
 from cortex.neuron.lifecycle import Lifecycle
 from cortex.neuron.output import Logprobs, OutputEvent, split_output
-from cortex.neuron.replies import ChunkWriter, complete_body, log_done, logprobs_body
-from cortex.neuron.requests import Job
+from cortex.neuron.replies import ChunkWriter, choices_usage, complete_body, log_done, logprobs_body
+from cortex.neuron.requests import Job, RequestMapper
 
 log = logging.getLogger("cortex.neuron.inference")
 
@@ -50,44 +54,47 @@ class Inference:
                 return await self._stream(job, request)
             return await self._complete(job)
 
-    def _events(self, job: Job) -> AsyncIterator[OutputEvent]:
-        return split_output(job.model, job.generation, parse_tools=job.parse_tools)
+    def _events(self, job: Job) -> AsyncIterator[tuple[int, OutputEvent]]:
+        return choice_events(job)
 
     async def _complete(self, job: Job) -> web.Response:
-        content: list[str] = []
-        reasoning: list[str] = []
-        calls: list[dict[str, Any]] = []
-        logprobs: list[TokenLogprob] = []
-        finished: Finished | None = None
-        async with _fault_guard(self.lifecycle, job):
-            async for event in self._events(job):
-                if isinstance(event, Logprobs):
-                    logprobs.extend(event.entries)
-                elif isinstance(event, PlainText):
-                    content.append(event.text)
-                elif isinstance(event, ReasoningText):
-                    (content if job.reasoning_in_content else reasoning).append(event.text)
-                elif isinstance(event, ToolCall):
-                    calls.append(event.call)
-                else:
-                    finished = event
-        assert finished is not None
-        log_done(job, finished)
-        body = complete_body(job, "".join(content), "".join(reasoning), calls, finished)
-        if job.generation.sampling.logprobs is not None:
-            body["choices"][0]["logprobs"] = logprobs_body(job, logprobs)
+        choices = [_Choice() for _ in range(job.n)]
+        events = self._events(job)
+        try:
+            async with _fault_guard(self.lifecycle, job):
+                async for index, event in events:
+                    choices[index].add(event, job.reasoning_in_content)
+        finally:
+            await events.aclose()
+        bodies = []
+        for choice in choices:
+            assert choice.finished is not None
+            log_done(job, choice.finished)
+            body = complete_body(job, "".join(choice.content), "".join(choice.reasoning), choice.calls, choice.finished)
+            if job.generation.sampling.logprobs is not None:
+                body["choices"][0]["logprobs"] = logprobs_body(job, choice.logprobs)
+            bodies.append(body)
+        body = bodies[0]
+        if job.n > 1:
+            body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+            body["usage"] = choices_usage([c.finished for c in choices if c.finished is not None])
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _stream(self, job: Job, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        chunks = ChunkWriter(job)
+        writers = [ChunkWriter(job, index) for index in range(job.n)]
+        finishes: list[Finished] = []
         events = self._events(job)
         try:
             async with _fault_guard(self.lifecycle, job):
-                await response.write(chunks.first())
-                async for event in events:
-                    await response.write(chunks.event(event))
+                await response.write(b"".join(w.first() for w in writers))
+                async for index, event in events:
+                    await response.write(writers[index].event(event))
+                    if isinstance(event, Finished):
+                        finishes.append(event)
+                if job.n > 1 and job.include_usage:
+                    await response.write(writers[0].usage(finishes))
         except ApiError as exc:  # fault mid-stream: the client gets an error event, then the end
             await _write_quietly(response, encode_data(exc.openai_body()) + DONE)
             return response
@@ -98,6 +105,76 @@ class Inference:
             await events.aclose()
         await _write_quietly(response, DONE)
         return response
+
+
+class _Choice:
+    """One choice of a non-streamed completion, as its events arrive."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finished: Finished | None = None
+
+    def add(self, event: OutputEvent, reasoning_in_content: bool) -> None:
+        if isinstance(event, Logprobs):
+            self.logprobs.extend(event.entries)
+        elif isinstance(event, PlainText):
+            self.content.append(event.text)
+        elif isinstance(event, ReasoningText):
+            (self.content if reasoning_in_content else self.reasoning).append(event.text)
+        elif isinstance(event, ToolCall):
+            self.calls.append(event.call)
+        else:
+            self.finished = event
+
+
+async def choice_events(job: Job) -> AsyncIterator[tuple[int, OutputEvent]]:
+    """Every choice's events, tagged with its index, as they come. Closing it cancels every sequence."""
+    if job.n == 1:
+        stream = split_output(job.model, job.generation, parse_tools=job.parse_tools)
+        try:
+            async for event in stream:
+                yield 0, event
+        finally:
+            await stream.aclose()
+        return
+    queue: asyncio.Queue[tuple[int, OutputEvent | BaseException | None]] = asyncio.Queue()
+    first_output = asyncio.Event()
+
+    async def pump(index: int, generation: Any) -> None:
+        stream = None
+        try:
+            if index:
+                await first_output.wait()  # the prompt's blocks are cached by now: this choice reuses them
+            stream = split_output(job.model, generation, parse_tools=job.parse_tools)
+            async for event in stream:
+                first_output.set()
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:  # handed to the consumer, which raises it (and so cancels the others)
+            first_output.set()
+            await queue.put((index, exc))
+        finally:
+            if stream is not None:
+                await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(RequestMapper.generations(job))]
+    try:
+        done = 0
+        while done < job.n:
+            index, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager

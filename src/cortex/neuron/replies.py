@@ -92,8 +92,9 @@ def logprobs_body(job: Job, entries: list[TokenLogprob], offset: int = 0) -> dic
 class ChunkWriter:
     """Serialises output events as OpenAI stream chunks (chat or text completion)."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, index: int = 0) -> None:
         self.job = job
+        self.index = index  # the choice (n > 1)
         self.tool_calls = 0
         self._text_offset = 0  # Completions logprobs count text offsets across chunks
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
@@ -101,9 +102,9 @@ class ChunkWriter:
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         if self.job.kind == "text":
-            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+            choice = {"index": self.index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish}
         choice.update(extra)
         return encode_data({**self._head, "choices": [choice]})
 
@@ -128,8 +129,17 @@ class ChunkWriter:
     def _last(self, finished: Finished) -> bytes:
         extra = {"stop_sequence": finished.stop_sequence} if finished.stop_sequence is not None else {}
         out = self._chunk({}, finish_reason(finished, self.tool_calls > 0), **extra)
-        if self.job.include_usage:
-            usage = usage_dict(finished.prompt_tokens, finished.completion_tokens, finished.cached_tokens)
-            out += encode_data({**self._head, "choices": [], "usage": usage, "timings": timings(finished)})
+        if self.job.include_usage and self.job.n == 1:
+            out += self.usage([finished])
         log_done(self.job, finished)
         return out
+
+    def usage(self, finishes: list[Finished]) -> bytes:
+        """The closing usage chunk: the prompt once, the completions of every choice."""
+        body = {**self._head, "choices": [], "usage": choices_usage(finishes), "timings": timings(finishes[0])}
+        return encode_data(body)
+
+
+def choices_usage(finishes: list[Finished]) -> dict[str, Any]:
+    first = finishes[0]
+    return usage_dict(first.prompt_tokens, sum(f.completion_tokens for f in finishes), first.cached_tokens)

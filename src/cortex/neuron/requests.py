@@ -9,6 +9,7 @@ absurd `max_tokens` is clipped to what the context leaves, never refused.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ class Job:
     include_usage: bool
     parse_tools: bool
     reasoning_in_content: bool  # the client sent `include_reasoning: true`: reasoning inline in `content`
+    n: int = 1  # choices: n sequences from one prompt (they share its KV blocks through the prefix cache)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -136,12 +138,27 @@ class RequestMapper:
             include_usage=req.include_usage(),
             parse_tools=parse_tools,
             reasoning_in_content=bool(getattr(req, "include_reasoning", False)),
+            n=req.n,
         )
+
+    @staticmethod
+    def generations(job: Job) -> list[GenerationRequest]:
+        """One generation request per choice; a seeded request's choices get seeds seed, seed+1, ..."""
+        first = job.generation
+        out = [first]
+        for index in range(1, job.n):
+            seed = first.sampling.seed + index if first.sampling.seed is not None else None
+            sampling = dataclasses.replace(first.sampling, seed=seed)
+            out.append(dataclasses.replace(first, request_id=f"{first.request_id}/{index}", sampling=sampling))
+        return out
+
+
+MAX_CHOICES = 16
 
 
 def refuse_unsupported(req: SamplingFields) -> None:
-    if req.n != 1:
-        raise bad_request("n > 1 is not supported: send one request per completion", param="n")
+    if req.n > MAX_CHOICES:
+        raise bad_request(f"n must be at most {MAX_CHOICES}", param="n")
 
 
 def chat_constraint(req: ChatCompletionRequest, model: LoadedModel, use_tools: bool) -> grammar.Grammar | None:

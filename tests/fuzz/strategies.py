@@ -524,9 +524,9 @@ def mutate(rng: Any, seed: FuzzRequest, post_paths: dict[str, list[str]]) -> Fuz
     """A variant of `seed`: one field bent, its bytes damaged, a header added, or its body sent elsewhere."""
     req = FuzzRequest(seed.daemon, seed.method, seed.path, seed.json, seed.body, dict(seed.headers), seed.use_json)
     roll = rng.random()
-    if req.use_json and roll < 0.6:
+    if req.use_json and roll < 0.45:
         req.json = _mutate_json(rng, req.json)
-    elif req.use_json and roll < 0.75:
+    elif req.use_json and roll < 0.7:
         # Cut short and a stray byte appended: never valid JSON (a damaged budget key must not mean a long generation).
         raw = json.dumps(req.json).encode()
         cut = rng.randint(0, max(0, len(raw) - 2))

@@ -64,6 +64,55 @@ async def request(model: Any, prompt: list[int], new_tokens: int, delay: float =
     raise RuntimeError("stream ended without Finished")
 
 
+class StepTimer:
+    """Where a single-stream step's time goes, from the host: the whole step job, the forward call
+    (launch only, on a GPU), the sync on the sampled tokens, and the gap between one step's end and
+    the next one's start (queueing on the worker, GIL hand-overs with the event loop)."""
+
+    def __init__(self, model: Any) -> None:
+        self.scheduler = model._scheduler
+        self.runner = self.scheduler.runner
+        self.steps: list[float] = []
+        self.forwards: list[float] = []
+        self.gaps: list[float] = []
+        self._ended = 0.0
+
+    def __enter__(self) -> StepTimer:
+        step, forward = self.scheduler._step, self.runner.forward
+
+        def timed_step() -> None:
+            started = time.perf_counter()
+            if self._ended:
+                self.gaps.append(started - self._ended)
+            step()
+            self._ended = time.perf_counter()
+            self.steps.append(self._ended - started)
+
+        def timed_forward(batch: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return forward(batch)
+            finally:
+                self.forwards.append(time.perf_counter() - started)
+
+        self.scheduler._step, self.runner.forward = timed_step, timed_forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.scheduler._step, self.runner.forward  # back to the class's methods
+
+    def summary(self) -> dict[str, Any]:
+        def ms(values: list[float]) -> float | None:
+            return round(statistics.median(values) * 1e3, 3) if values else None
+
+        return {
+            "steps": len(self.steps),
+            "step_ms": ms(self.steps[2:]),
+            "forward_call_ms": ms(self.forwards[2:]),
+            "gap_ms": ms(self.gaps[2:]),
+        }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -98,13 +147,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["cuda_graph_stats"] = kv.pop("cuda_graphs", None)
         result["kv"] = kv
         result["weights_mb"] = round(model.info.memory_bytes / 2**20)
+        result["model_memory_mb"] = round(model.memory_bytes / 2**20)  # /models vram_used_mb: weights + KV + graphs
         if cuda:
             result["cuda_memory_allocated_mb"] = round(torch.cuda.memory_allocated(device) / 2**20)
             result["cuda_memory_reserved_mb"] = round(torch.cuda.memory_reserved(device) / 2**20)
 
         ttfts = [(await request(model, prompt_ids[0], 1))[0] for _ in range(5)]
         result["ttft_s"] = round(statistics.median(ttfts), 4)
-        total, first, _ = await request(model, prompt_ids[0], new_tokens)
+        with StepTimer(model) as timer:
+            total, first, _ = await request(model, prompt_ids[0], new_tokens)
+        result["single_step_profile"] = timer.summary()
         result["single_tok_s"] = round((new_tokens - 1) / (total - first), 1)
         aggregate: dict[str, float] = {}
         for count in streams:
@@ -132,8 +184,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         after = model.kv_stats().get("cuda_graphs") or {}
         result["graph_replays"] = after.get("replays")
         result["eager_decodes"] = after.get("eager_decodes")
+        result["mixed_replays"] = after.get("mixed_replays")
         result["decode_tok_s_reported"] = round(model.tok_s_decode, 1)
-        await engine.unload(model)
+        freed = await engine.unload(model)
+        result["freed_mb"] = round(freed / 2**20)
+        if cuda:
+            torch.cuda.synchronize(device)
+            result["cuda_allocated_after_unload_mb"] = round(torch.cuda.memory_allocated(device) / 2**20)
     finally:
         engine.close()
     return result

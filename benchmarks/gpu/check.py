@@ -85,6 +85,7 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
         result["load_s"] = round(time.perf_counter() - started, 3)
         result["info"] = {
             "memory_mb": round(model.info.memory_bytes / 2**20, 1),
+            "held_mb": round(model.memory_bytes / 2**20, 1),  # weights + KV pool + graphs: /models vram_used_mb
             "dtype": model.info.dtype,
             "context": model.info.context_length,
         }

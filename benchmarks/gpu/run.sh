@@ -4,13 +4,16 @@
 #     bash benchmarks/gpu/run.sh                  # cuda:0
 #     bash benchmarks/gpu/run.sh --device cpu     # the dry run: same stages, tiny sizes, CPU
 #
-# Stages (each under `timeout`, each continuing to the next on failure, all within GPU_CHECK_BUDGET_S):
-#   versions    python/torch/transformers/CUDA/GPU, nvidia-smi
-#   discovery   NVML discovery matched to torch's CUDA devices by UUID; again under CUDA_VISIBLE_DEVICES=<uuid>
+# Stages (each under `timeout`, each continuing to the next on failure, all within GPU_CHECK_BUDGET_S),
+# the measurements that matter most first, so a short budget still gets them:
 #   engine      a tiny model loaded through Engine on the device: measured memory, 8 concurrent greedy
 #               requests, unload and the CUDA allocator back to its baseline; a bad ordinal fails fast
+#   bench       benchmarks/gpu/bench.py with CUDA graphs: qwen3-8b, then qwen3-0.6b
+#   versions    python/torch/transformers/CUDA/GPU, nvidia-smi
+#   discovery   NVML discovery matched to torch's CUDA devices by UUID; again under CUDA_VISIBLE_DEVICES=<uuid>
 #   serve       a real `neuron serve` on the device with the tiny model, one HTTP chat request
-#   bench       benchmarks/gpu/bench.py: qwen3-8b and qwen3-0.6b shapes, CUDA graphs then eager
+#   bench       the same two shapes eager (greedy answers compared with the graph runs in the summary)
+#   host_step   benchmarks/host_step.py: the host side of a decode step on this host's CPU (1-layer model)
 #   engine.py   benchmarks/engine.py (the CPU benchmark's GPU mode, with generate() alongside), if time is left
 #   summary     summary.json: the figures that matter, side by side
 #
@@ -31,7 +34,7 @@ done
 OUT=${OUT:-/tmp/cortex-gpu-out}
 mkdir -p "$OUT"
 export OUT
-BUDGET_S=${GPU_CHECK_BUDGET_S:-530}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 HERE=benchmarks/gpu
@@ -81,20 +84,21 @@ fi
 EAGER=("${SMALL[@]}")
 [ "$DEVICE" = cpu ] || EAGER=(--new-tokens 128)  # eager decode is several times slower: keep it in its time box
 
-stage versions 60 bash -c "nvidia-smi >'$OUT/nvidia-smi.txt' 2>&1; nvidia-smi -L; $PY $HERE/check.py versions"
-stage discovery 60 $PY $HERE/check.py discovery
-UUID=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1)
-if [ -n "$UUID" ]; then
-    stage discovery-visible-uuid 60 env CUDA_VISIBLE_DEVICES="$UUID" $PY $HERE/check.py discovery
-fi
-stage engine 120 $PY $HERE/check.py engine --device "$DEVICE"
-stage serve 150 $PY $HERE/check.py serve --device "$DEVICE" --log "$OUT/neuron.log"
+stage engine 90 $PY $HERE/check.py engine --device "$DEVICE"
 for shape in "${SHAPES[@]}"; do
     stage "bench $shape graphs" 150 $PY $HERE/bench.py --device "$DEVICE" --shape "$shape" "${SMALL[@]}"
 done
+stage versions 40 bash -c "nvidia-smi >'$OUT/nvidia-smi.txt' 2>&1; nvidia-smi -L; $PY $HERE/check.py versions"
+stage discovery 40 $PY $HERE/check.py discovery
+UUID=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1)
+if [ -n "$UUID" ]; then
+    stage discovery-visible-uuid 40 env CUDA_VISIBLE_DEVICES="$UUID" $PY $HERE/check.py discovery
+fi
+stage serve 120 $PY $HERE/check.py serve --device "$DEVICE" --log "$OUT/neuron.log"
 for shape in "${SHAPES[@]}"; do
     stage "bench $shape eager" 120 $PY $HERE/bench.py --device "$DEVICE" --shape "$shape" --eager "${EAGER[@]}"
 done
+stage host_step 60 $PY benchmarks/host_step.py --new-tokens 32
 if [ "$DEVICE" != cpu ]; then
     stage engine.py 200 bash -c "CORTEX_TOKENIZER_DIR=.whl/tokenizer $PY benchmarks/engine.py --device $DEVICE \
         --shape qwen3-0.6b --dtype bfloat16 --repeats 1 --new-tokens 64 --streams 8 --no-peers \

@@ -63,7 +63,21 @@ def main() -> None:
         if name.startswith("bench ") and row.get("ok"):
             bench[name] = {
                 key: row.get(key)
-                for key in ("single_tok_s", "ttft_s", "aggregate_tok_s", "random_arrivals", "load_s", "graph_replays")
+                for key in (
+                    "single_tok_s",
+                    "ttft_s",
+                    "aggregate_tok_s",
+                    "random_arrivals",
+                    "load_s",
+                    "graph_replays",
+                    "mixed_replays",
+                    "eager_decodes",
+                    "weights_mb",
+                    "model_memory_mb",
+                    "freed_mb",
+                    "cuda_allocated_after_unload_mb",
+                    "single_step_profile",
+                )
             }
             graphs = row.get("cuda_graph_stats") or {}
             bench[name]["capture"] = {k: graphs.get(k) for k in ("enabled", "capture_s", "graphs", "memory_mb")}

@@ -39,6 +39,7 @@ from .logprobs import MAX_TOP_LOGPROBS, step_logprobs, unpack
 from .runner import ModelRunner, StepBatch
 from .sampling import RowParams, SamplingBatch, validate_sampling
 from .sequence import Delivery, Sequence, deliver_many
+from .staging import StepStaging
 from .types import DeviceFault, EngineError, GenerationRequest
 from .worker import DeviceWorker, WorkerClosed
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_RUNNING = 256  # a sanity cap on one batch; the KV pool is the real bound
 MIN_PREFILL_TOKENS = 16  # prefill makes progress even when decode rows use up the step budget
+_NO_BLOCKS = torch.empty(0, dtype=torch.long)  # a prefill chunk's block ids until the step's upload
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Scheduler:
         self._options = options
         self._vocab = runner.vocab_size
         self._mask = TokenMask(runner.device)  # grammar-constrained rows (JSON, schemas, grammars, tool calls)
+        self._staging = StepStaging(runner.device)  # a step's integer inputs in one host-to-device copy
         warm_up(tokenizer, eos_ids, self._vocab)  # the grammar compiler for this vocabulary, off the loop
         self._inbox: deque[Sequence] = deque()  # loop → worker hand-over (deque append/popleft are atomic)
         self._waiting: deque[Sequence] = deque()  # worker only: not holding blocks (new or preempted)
@@ -205,6 +208,7 @@ class Scheduler:
         if self._runner is not None:
             self._runner.release()
         self._runner = None
+        self._staging.release()
 
     def _step(self) -> None:
         self.steps += 1
@@ -357,6 +361,7 @@ class Scheduler:
             slots.append(blocks[position // block_size] * block_size + position % block_size)
             tables.append(blocks)
         prefills: list[PrefillChunk] = []
+        chunk_blocks: list[list[int]] = []
         for index, item in enumerate(work):
             if item.count == 1 and item.samples:
                 continue
@@ -366,29 +371,39 @@ class Scheduler:
             ids.extend(sequence.tokens[start:kv_len])
             positions.extend(range(start, kv_len))
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, kv_len))
-            block_ids = torch.tensor(blocks[: self.blocks.blocks_for(kv_len)], dtype=torch.long, device=device)
+            chunk_blocks.append(blocks[: self.blocks.blocks_for(kv_len)])
             mask = None if start == 0 else prefix_mask(count, kv_len, device)
-            prefills.append(PrefillChunk(q_start, count, kv_len, block_ids, mask))
+            prefills.append(PrefillChunk(q_start, count, kv_len, _NO_BLOCKS, mask))
             if item.samples:
                 keep.append(len(ids) - 1)
                 samplers.append(sequence)
                 sampler_items.append(index)
-        context = AttentionContext(
-            runner.kv, torch.tensor(slots, dtype=torch.long, device=device), num_decode=len(decode), prefills=prefills
-        )
+        # Every integer input of the step in one host buffer and ONE copy to the device (staging.py):
+        # ids, positions, slots, keep, then the decode rows' context lengths and padded block tables,
+        # then each prefill chunk's block ids.
+        tokens, n = len(ids), len(decode)
+        if not keep:
+            keep = [tokens - 1]
+        width = max((len(t) for t in tables), default=0)
+        flat = ids + positions + slots + keep + [p + 1 for p in positions[:n]]
+        for t in tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        for chunk_ids in chunk_blocks:
+            flat += chunk_ids
+        packed = self._staging.upload(flat)
+        at = at0 = 3 * tokens + len(keep)
+        context = AttentionContext(runner.kv, packed[2 * tokens : 3 * tokens], num_decode=n, prefills=prefills)
         if decode:
-            width = max(len(t) for t in tables)
-            padded = [t + [0] * (width - len(t)) for t in tables]
-            context.block_tables = torch.tensor(padded, dtype=torch.long, device=device)
-            context.context_lens = torch.tensor([p + 1 for p in positions[: len(decode)]], device=device)
+            context.context_lens = packed[at : at + n]
+            context.block_tables = packed[at + n : at + n + n * width].view(n, width)
+        at += n + n * width
+        for chunk, chunk_ids in zip(prefills, chunk_blocks, strict=True):
+            chunk.block_ids = packed[at : at + len(chunk_ids)]
+            at += len(chunk_ids)
         # Every row samples in one batched pass; constrained rows first get their grammar's token mask.
         sampling = SamplingBatch([self._row(s) for s in samplers], device) if samplers else None
-        batch = StepBatch(
-            torch.tensor([ids], dtype=torch.long, device=device),
-            torch.tensor([positions], dtype=torch.long, device=device),
-            torch.tensor(keep if keep else [len(ids) - 1], dtype=torch.long, device=device),
-            context,
-        )
+        batch = StepBatch(packed[:tokens][None], packed[tokens : 2 * tokens][None], packed[3 * tokens : at0], context)
         logits = runner.forward(batch)
         result: list[int | None] = [None] * len(work)
         if not samplers:

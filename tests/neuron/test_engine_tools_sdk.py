@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import openai
 import pytest
@@ -54,3 +54,24 @@ def test_responses_parse(gateway_url: str) -> None:
         model=MODEL, input="Is the sky blue?", text_format=Verdict, max_output_tokens=200, temperature=0
     )
     assert isinstance(response.output_parsed, Verdict)
+
+
+class Answer(BaseModel):
+    answer: Literal["yes", "no"]
+    sure: bool
+
+
+def test_anthropic_structured_output(gateway_url: str) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=gateway_url, api_key="unused", max_retries=0, timeout=120)
+    messages: list[Any] = [{"role": "user", "content": "Is the sky blue?"}]
+    message = client.messages.parse(model=MODEL, max_tokens=200, messages=messages, output_format=Answer)
+    assert isinstance(message.parsed_output, Answer)
+    raw = client.messages.create(
+        model=MODEL,
+        max_tokens=200,
+        messages=messages,
+        output_config={"format": {"type": "json_schema", "schema": Answer.model_json_schema()}},
+    )
+    Answer.model_validate_json(raw.content[0].text)  # type: ignore[union-attr]

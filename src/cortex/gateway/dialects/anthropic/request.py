@@ -126,6 +126,7 @@ class ToolDefinition(_Lenient):
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
+    strict: bool | None = None  # strict tool use: the input is decoded under input_schema either way
 
     def is_custom(self) -> bool:
         return self.input_schema is not None and self.type in (None, "custom")
@@ -169,9 +170,22 @@ class CountTokensRequest(_Lenient):
         return self.thinking is not None and self.thinking.wants_thinking()
 
 
+class OutputFormat(_Lenient):
+    """Structured outputs: the answer's text is one JSON value valid against `schema`."""
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Lenient):
+    format: OutputFormat | None = None
+
+
 class MessagesRequest(CountTokensRequest):
     # Required, as Anthropic requires it; large values pass (the neuron clips to the context left).
     max_tokens: int = Field(ge=1)
+    output_config: OutputConfig | None = None  # structured outputs (`output_config.format`)
+    output_format: OutputFormat | None = None  # the same, as the structured-outputs beta spelled it
     stream: bool = False
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)

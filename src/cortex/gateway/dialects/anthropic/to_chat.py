@@ -69,6 +69,11 @@ def _add_sampling(body: dict[str, Any], req: MessagesRequest) -> None:
         body["stop"] = list(req.stop_sequences)
     if req.metadata is not None and req.metadata.user_id:
         body["user"] = req.metadata.user_id
+    fmt = req.output_config.format if req.output_config is not None else None
+    fmt = fmt or req.output_format
+    if fmt is not None:  # structured outputs: the neuron decodes the answer under the schema
+        schema = {"name": "output", "schema": fmt.schema_, "strict": True}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
 
 
 def _add_tools(body: dict[str, Any], tools: list[ToolDefinition] | None, choice: ToolChoice | None) -> None:
@@ -87,6 +92,8 @@ def to_chat_tool(tool: ToolDefinition) -> dict[str, Any]:
     function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema or {"type": "object"}}
     if tool.description is not None:
         function["description"] = tool.description
+    if tool.strict is not None:
+        function["strict"] = tool.strict
     return {"type": "function", "function": function}
 
 

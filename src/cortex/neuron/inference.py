@@ -47,7 +47,7 @@ class Inference:
 
     async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
         async with _fault_guard(self.lifecycle, job):
-            job.model.validate(job.generation)
+            job.budget = job.model.validate(job.generation)  # once: the engine does not check it again
         async with job.slot.admission.slot():
             job.slot.last_used = time.time()
             if job.stream:
@@ -133,7 +133,7 @@ class _Choice:
 async def choice_events(job: Job) -> AsyncIterator[tuple[int, OutputEvent]]:
     """Every choice's events, tagged with its index, as they come. Closing it cancels every sequence."""
     if job.n == 1:
-        stream = split_output(job.model, job.generation, parse_tools=job.parse_tools)
+        stream = split_output(job.model, job.generation, parse_tools=job.parse_tools, budget=job.budget)
         try:
             async for event in stream:
                 yield 0, event
@@ -148,7 +148,7 @@ async def choice_events(job: Job) -> AsyncIterator[tuple[int, OutputEvent]]:
         try:
             if index:
                 await first_output.wait()  # the prompt's blocks are cached by now: this choice reuses them
-            stream = split_output(job.model, generation, parse_tools=job.parse_tools)
+            stream = split_output(job.model, generation, parse_tools=job.parse_tools, budget=job.budget)
             async for event in stream:
                 first_output.set()
                 await queue.put((index, event))

@@ -56,11 +56,12 @@ class OutputSplitter:
 
 
 async def split_output(
-    model: LoadedModel, request: GenerationRequest, *, parse_tools: bool
+    model: LoadedModel, request: GenerationRequest, *, parse_tools: bool, budget: int | None = None
 ) -> AsyncIterator[OutputEvent]:
-    """Generate and split; the engine sequence is cancelled when the consumer stops early."""
+    """Generate and split; the engine sequence is cancelled when the consumer stops early.
+    `budget`: what the engine's `validate` returned for the request (so it is not validated again)."""
     splitter = OutputSplitter(model, request.prompt_ids, parse_tools=parse_tools)
-    stream = model.generate(request)
+    stream = model.generate(request, budget)
     try:
         async for event in stream:
             if isinstance(event, TextDelta):

@@ -43,6 +43,7 @@ class Job:
     parse_tools: bool
     reasoning_in_content: bool  # the client sent `include_reasoning: true`: reasoning inline in `content`
     n: int = 1  # choices: n sequences from one prompt (they share its KV blocks through the prefix cache)
+    budget: int | None = None  # tokens it may generate, as the engine's validate found (set once, before admission)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 

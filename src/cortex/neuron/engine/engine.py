@@ -132,13 +132,15 @@ class LoadedModel:
 
     # Generation.
 
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise EngineError (bad request) or DeviceFault (poisoned model) now, before any streaming starts."""
-        self._scheduler.validate(request)
+    def validate(self, request: GenerationRequest) -> int:
+        """Raise EngineError (bad request) or DeviceFault (poisoned model) now, before any streaming starts.
+        Returns the tokens it may generate: give it to `generate` so the request is not validated twice."""
+        return self._scheduler.validate(request)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """TextDelta events, then exactly one Finished. Closing the iterator early cancels the sequence."""
-        sequence = self._scheduler.open(request, asyncio.get_running_loop())
+    async def generate(self, request: GenerationRequest, budget: int | None = None) -> AsyncIterator[GenerationEvent]:
+        """TextDelta events, then exactly one Finished. Closing the iterator early cancels the sequence.
+        `budget`: what `validate` returned for this request (or for one differing only in its seed)."""
+        sequence = self._scheduler.open(request, asyncio.get_running_loop(), budget)
         try:
             while True:
                 delivery = await sequence.channel.get()

@@ -139,10 +139,7 @@ class Scheduler:
 
     def validate(self, request: GenerationRequest) -> int:
         """Check a request; returns how many tokens it may generate (max_new_tokens clipped to the context)."""
-        if self._closed:
-            raise EngineError("model is unloaded")
-        if self._fault is not None:
-            raise DeviceFault(self._fault)
+        self._check_usable()
         prompt = request.prompt_ids
         if not prompt:
             raise EngineError("prompt is empty")
@@ -175,8 +172,20 @@ class Scheduler:
         compiler = compiler_for(self._tokenizer, self._eos_ids, self._vocab)
         request.constraint = compiler.compile(grammar)
 
-    def open(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
-        sequence = Sequence(request, self.validate(request), loop)
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise EngineError("model is unloaded")
+        if self._fault is not None:
+            raise DeviceFault(self._fault)
+
+    def open(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, budget: int | None = None) -> Sequence:
+        """Queue `request`. `budget` is what `validate` returned for it: a validated request is not checked
+        again, only whether the model is still usable (it may have been unloaded or poisoned since)."""
+        if budget is None:
+            budget = self.validate(request)
+        else:
+            self._check_usable()
+        sequence = Sequence(request, budget, loop)
         self._inbox.append(sequence)
         self._wake()
         return sequence

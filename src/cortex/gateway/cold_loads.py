@@ -35,6 +35,8 @@ log = logging.getLogger("cortex.gateway.cold_loads")
 
 # A neuron answers 202 before the model shows in /models only if its bookkeeping lags; allow a few reads.
 _MISSING_GRACE_READS = 8
+# Polls in a row that failed other than by timing out (reset, broken answer) before a loading node counts as lost.
+_LOST_AFTER_FAILURES = 3
 
 
 @dataclass
@@ -191,15 +193,27 @@ class Loader:
     async def _await_loaded(self, node: Node, model_id: str, job: LoadJob) -> str:
         """Follow the neuron's `/models` until the model is loaded (or failed, gone, timed out)."""
         deadline = time.monotonic() + self.config.timeout_s
-        missing = 0
+        missing = failures = 0
         while time.monotonic() < deadline:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
                 await self.poller.refresh_models(node)
-            except (NeuronUnreachable, NeuronRefused) as exc:
+            except NeuronUnreachable as exc:
+                # A load keeps a neuron busy (on a crowded host its answers can take seconds): a poll that timed out
+                # is no news, and the load timeout bounds the wait. Refused means nothing listens there any more.
+                if exc.timed_out:
+                    continue
+                failures += 1
+                if exc.refused or failures >= _LOST_AFTER_FAILURES:
+                    raise ApiError(
+                        502, f"lost neuron '{node.name}' while loading '{model_id}': {exc}", code="upstream_unreachable"
+                    ) from None
+                continue
+            except NeuronRefused as exc:
                 raise ApiError(
                     502, f"lost neuron '{node.name}' while loading '{model_id}': {exc}", code="upstream_unreachable"
                 ) from None
+            failures = 0
             replica = node.replicas.get(model_id)
             if replica is None:
                 missing += 1

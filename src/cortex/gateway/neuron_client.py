@@ -17,10 +17,12 @@ from cortex.gateway.state import Node
 
 
 class NeuronUnreachable(Exception):
-    def __init__(self, node: str, detail: str) -> None:
+    def __init__(self, node: str, detail: str, *, timed_out: bool = False, refused: bool = False) -> None:
         super().__init__(f"neuron '{node}' unreachable: {detail}")
         self.node = node
         self.detail = detail
+        self.timed_out = timed_out  # no answer in time: a busy node looks the same as a gone one
+        self.refused = refused  # nothing listens there: the node is gone
 
 
 class NeuronRefused(Exception):
@@ -91,7 +93,12 @@ async def call(
             raw = await resp.read()
             status = resp.status
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise NeuronUnreachable(node.name, describe(exc)) from exc
+        raise NeuronUnreachable(
+            node.name,
+            describe(exc),
+            timed_out=isinstance(exc, asyncio.TimeoutError | TimeoutError),
+            refused=isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError),
+        ) from exc
     decoded = decode(raw)
     if status >= 400:
         raise NeuronRefused(node.name, status, decoded)

@@ -15,6 +15,7 @@ from cortex.hardening.http import DRAIN, HardenedRunner, harden
 from cortex.neuron.app import NeuronState, build_app, error_response
 from cortex.neuron.config import NeuronConfig, parse_listen
 from cortex.neuron.engine import Engine, KVBudget
+from cortex.neuron.engine.loader import import_libraries
 from cortex.neuron.hardware import Hardware
 from cortex.neuron.versions import version_info
 
@@ -42,6 +43,7 @@ async def serve(config: NeuronConfig) -> None:
     )
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request
+    import_libraries()  # and transformers' loaders, not on the device worker while a first load holds the GIL
     host, port = parse_listen(config.listen)
     # handler_cancellation: a client that goes away cancels its handler, and so its generation.
     app = harden(build_app(state), lambda _, err: error_response(err), max_body_bytes=config.max_request_bytes)

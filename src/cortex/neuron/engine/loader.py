@@ -50,6 +50,14 @@ class LoadedWeights:
     eos_ids: frozenset[int]
 
 
+def import_libraries() -> None:
+    """Import the transformers parts a load uses, once, before the neuron serves. Imported by the first load
+    instead, they cost seconds of pure-Python work on the device worker, during which the event loop waits
+    for the GIL and `/health` and `/models` answer late."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: F401
+
+
 def load_weights(spec: LoadSpec, progress: Progress) -> LoadedWeights:
     """Load `spec` onto `spec.device`; raises LoadError only."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cortex.gateway.access_log import requested_name
 from tests.support.gateway_client import (
     StartFake,
     StartGateway,
@@ -38,6 +39,8 @@ async def test_metrics_cover_requests_tokens_timing_lifecycle_and_fleet(
     assert metric_value(text, "cortex_tokens_per_second_count", **m1) == 2
     assert metric_value(text, "cortex_errors_total", type="stream_interrupted", **m1) == 1
     assert metric_value(text, "cortex_errors_total", model="unknown", type="model_not_found") == 1
+    # The metrics keep one label for models nobody serves; the access log names the one asked for.
+    assert "status=404 model=nope " in gateway.log_path.read_text()
     assert metric_value(text, "cortex_cold_starts_total", model="m2", node="a") == 1
     assert metric_value(text, "cortex_cold_start_seconds_count", model="m2", node="a") == 1
     assert metric_value(text, "cortex_evictions_total", **m1) == 1
@@ -50,3 +53,9 @@ async def test_metrics_cover_requests_tokens_timing_lifecycle_and_fleet(
     assert 'cortex_in_flight{model="m2",node="a"}' in text
     assert 'cortex_queue_depth{model="m2",node="a"}' in text
     assert 'cortex_in_flight{model="m1",node="a"}' not in text  # evicted: its gauges go too
+
+
+def test_the_log_shows_a_requested_model_name_printable_and_bounded() -> None:
+    assert requested_name("a\nb\x1b") == "a?b?"
+    assert requested_name("x" * 500) == "x" * 80 + "..."
+    assert requested_name(42) == "-"

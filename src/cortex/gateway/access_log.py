@@ -11,11 +11,22 @@ import asyncio
 import logging
 import re
 import time
+from typing import Any
 
 from cortex.core.logs import request_id_var
 
 LOGGER = "cortex.gateway.access"
 _PLAIN = re.compile(r"[A-Za-z0-9_./:@+\[\]-]+").fullmatch
+_NAME_MAX = 80  # characters of a requested model name the log keeps
+
+
+def requested_name(model: Any) -> str:
+    """The model a client asked for, as the log shows it when it names none this gateway serves (the metrics
+    keep one `unknown` label for those): printable characters only, at most `_NAME_MAX` of them."""
+    if not isinstance(model, str) or not model:
+        return "-"
+    name = "".join(c if c.isprintable() else "?" for c in model[:_NAME_MAX])
+    return name + "..." if len(model) > _NAME_MAX else name
 
 
 def _value(text: str) -> str:

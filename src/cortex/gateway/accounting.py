@@ -18,7 +18,7 @@ import orjson
 
 from cortex.core.errors import ApiError
 from cortex.core.sse import event_data
-from cortex.gateway.access_log import AccessLog
+from cortex.gateway.access_log import AccessLog, requested_name
 from cortex.gateway.metrics import UNKNOWN_MODEL, Metrics, Series
 
 # Byte patterns of a chunk that carries generated text: (field with a string value, the same field empty).
@@ -69,11 +69,13 @@ class RequestRecord:
         "model",
         "node",
         "prompt_tokens",
+        "requested",
         "started",
     )
 
-    def __init__(self, metrics: Metrics, started: float | None = None) -> None:
+    def __init__(self, metrics: Metrics, started: float | None = None, requested: Any = None) -> None:
         self.metrics = metrics
+        self.requested = requested  # the client's `model`, as sent (logged when it resolves to none we serve)
         self.started = time.perf_counter() if started is None else started
         self.model = UNKNOWN_MODEL
         self.node = ""
@@ -153,8 +155,9 @@ class Accounting:
         self.access_log = access_log or AccessLog()
         self.charge: Callable[[int], None] | None = None  # a finished request's tokens, to its key's limits
 
-    def record(self) -> RequestRecord:
-        return RequestRecord(self.metrics)
+    def record(self, requested: Any = None) -> RequestRecord:
+        """A record for a request that asked for model `requested`."""
+        return RequestRecord(self.metrics, requested=requested)
 
     def finish(self, record: RequestRecord, route: str, status: int, *, stream: bool) -> None:
         """Stop the clock now; publish on the next event-loop iteration, after the handler returned."""
@@ -172,7 +175,7 @@ class Accounting:
             self.access_log.request_done(
                 route,
                 status,
-                record.model,
+                record.model if record.model != UNKNOWN_MODEL else requested_name(record.requested),
                 record.node or "-",
                 stream,
                 duration,

@@ -125,7 +125,7 @@ class Relay:
         `raw`: the body's bytes as the client sent them, forwarded untouched when its model is already an id.
         `check`: the route's own checks of the body, run once the model is known (their refusal is accounted).
         """
-        record = self.accounting.record()
+        record = self.accounting.record(model)
         status = CLIENT_CLOSED
         try:
             model_id = self.resolve(model)
@@ -190,7 +190,7 @@ class RelayStream:
         self.path = path
         self.body = body
         self.keepalive = keepalive
-        self.record: RequestRecord = relay.accounting.record()
+        self.record: RequestRecord = relay.accounting.record(model)
         self.exchange: Exchange | None = None
         self.done = False
         self._finished = False

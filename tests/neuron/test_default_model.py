@@ -112,13 +112,18 @@ async def test_generic_tool_call(default_neuron: Daemon) -> None:
         "function": {
             "name": "get_weather",
             "description": "Current weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 40}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
         },
     }
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     body = {"model": DEFAULT_MODEL_ID, "messages": messages, "tools": [tool], "tool_choice": "required"}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{default_neuron.url}/v1/chat/completions", json={**body, "max_tokens": 60}) as r:
+        async with http.post(f"{default_neuron.url}/v1/chat/completions", json={**body, "max_tokens": 200}) as r:
             reply = await r.json()
         async with http.get(f"{default_neuron.url}/models") as r:
             models = await r.json()

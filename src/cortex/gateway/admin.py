@@ -31,14 +31,6 @@ from cortex.gateway.placement import feasible_anywhere
 from cortex.gateway.state import FleetState, Node, Replica
 
 
-def setup(app: web.Application, admin: Admin) -> Admin:
-    app.router.add_get("/admin/state", admin.get_state)
-    app.router.add_post("/admin/load", admin.load)
-    app.router.add_post("/admin/unload", admin.unload)
-    app.router.add_post("/admin/pin", admin.pin)
-    return admin
-
-
 @dataclass
 class Admin:
     """The operator routes, over the parts they read and drive."""

@@ -1,10 +1,9 @@
 """The gateway's HTTP applications and process: client/admin API on `listen`, Prometheus on `metrics_listen`.
 
-`build_app` is the one place routes are mounted: each route module gets, through its `setup`,
-the parts it uses and nothing more. Every route runs in the request pipeline (pipeline.py:
+`build_app` holds the one table of routes: each route class is built with the parts it uses and
+nothing more. Every route runs in the request pipeline (pipeline.py:
 request id, authentication, errors in the caller's dialect) inside the hardening guard (body
-decoding, last-resort JSON errors). Adding a module of routes (a dialect, the dashboard) is one
-line in `build_app`.
+decoding, last-resort JSON errors). Adding a route is one line in that table.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from cortex.core.logs import log_event
 from cortex.core.secrets import KeySet
 from cortex.gateway import admin, dashboard, listing
 from cortex.gateway.client_stream import WRITE_TIMEOUT
-from cortex.gateway.dialects.anthropic import routes as anthropic_routes
-from cortex.gateway.dialects.openai import routes as openai_routes
-from cortex.gateway.dialects.responses import routes as responses_routes
+from cortex.gateway.dialects.anthropic.routes import COUNT_TOKENS, MESSAGES, AnthropicRoutes
+from cortex.gateway.dialects.openai.routes import CHAT, COMPLETIONS, OpenAIRoutes
+from cortex.gateway.dialects.responses.routes import RESPONSES, ResponsesRoutes
 from cortex.gateway.metrics import CONTENT_TYPE
 from cortex.gateway.pipeline import Access, Dialect, endpoint, render_error, request_pipeline
 from cortex.gateway.runtime import Gateway
@@ -39,15 +38,25 @@ def build_app(gw: Gateway) -> web.Application:
     limit = gw.config.max_body_bytes
     app = web.Application(client_max_size=limit, middlewares=[request_pipeline(gw.auth)])
     app[WRITE_TIMEOUT] = gw.config.client_write_timeout_s
+    openai, anthropic, responses = OpenAIRoutes(gw.relay), AnthropicRoutes(gw.relay), ResponsesRoutes(gw.relay)
+    models = listing.Listing(gw.state, gw.catalogue, gw.started_at)
+    operator = admin.Admin(gw.state, gw.catalogue, gw.loader, gw.evictor, gw.eviction, gw.load.timeout_s, gw.started_at)
     # Routes match the path only, so Claude Code's `/v1/messages?beta=true` lands on /v1/messages.
-    openai_routes.setup(app, gw.relay)  # POST /v1/chat/completions, /v1/completions (pass-through)
-    anthropic_routes.setup(app, gw.relay)  # POST /v1/messages, /v1/messages/count_tokens
-    responses_routes.setup(app, gw.relay)  # POST /v1/responses
-    # GET /v1/models, /v1/models/{id}, /health
-    listing.setup(app, listing.Listing(gw.state, gw.catalogue, gw.started_at))
-    # /admin/state, /admin/load, /admin/unload, /admin/pin
-    admin.setup(
-        app, admin.Admin(gw.state, gw.catalogue, gw.loader, gw.evictor, gw.eviction, gw.load.timeout_s, gw.started_at)
+    app.add_routes(
+        [
+            web.post(CHAT.path, openai.chat_completions),  # OpenAI: passed through
+            web.post(COMPLETIONS.path, openai.completions),
+            web.post(MESSAGES, anthropic.messages),  # Anthropic and Responses: translated to and from chat
+            web.post(COUNT_TOKENS, anthropic.count_tokens),
+            web.post(RESPONSES, responses.responses),
+            web.get("/v1/models", models.list_models),
+            web.get("/v1/models/{model_id:.+}", models.get_model),
+            web.get("/health", models.health),
+            web.get("/admin/state", operator.get_state),
+            web.post("/admin/load", operator.load),
+            web.post("/admin/unload", operator.unload),
+            web.post("/admin/pin", operator.pin),
+        ]
     )
     dashboard.setup(app, gw.metrics.render)  # GET /ui (the fleet page), GET /admin/live (its live figures)
     # Last: anything unmatched gets a 404 in the caller's dialect (a catch-all costs matched routes nothing).

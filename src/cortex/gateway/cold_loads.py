@@ -118,16 +118,7 @@ class Loader:
         node = plan.node
         job.node = node.name
         job.placed.set()
-        log_event(
-            log,
-            "load.placed",
-            model=spec.id,
-            node=node.name,
-            tier=plan.tier,
-            devices=plan.devices,
-            need_mb=round(plan.need_mb),
-            evict=[v.model_id for v in plan.victims],
-        )
+        log_event(log, "load.placed", model=spec.id, **plan.log_fields())
         try:
             await self._evict_victims(plan)
             job.phase = "loading"

@@ -27,13 +27,6 @@ _SUPPORTED = ["max_tokens", "temperature", "top_p", "stop", "seed", "response_fo
 _TOOLS = ["tools", "tool_choice"]
 
 
-def setup(app: web.Application, listing: Listing) -> Listing:
-    app.router.add_get("/v1/models", listing.list_models)
-    app.router.add_get("/v1/models/{model_id:.+}", listing.get_model)
-    app.router.add_get("/health", listing.health)
-    return listing
-
-
 @dataclass
 class Listing:
     state: FleetState

@@ -14,6 +14,7 @@ most free memory breaks ties. A node where this model's last load failed goes af
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cortex.core.catalogue import Catalogue, CatalogueModel
 from cortex.core.neuron_api import ModelStatus
@@ -36,6 +37,17 @@ class Plan:
     @property
     def mb_per_device(self) -> float:
         return self.need_mb / max(1, len(self.devices))
+
+    def log_fields(self) -> dict[str, Any]:
+        """What the `load.placed` line says about the decision."""
+        victims = [v.model_id for v in self.victims]
+        return {
+            "node": self.node.name,
+            "tier": self.tier,
+            "devices": self.devices,
+            "need_mb": round(self.need_mb),
+            "evict": victims,
+        }
 
 
 class NoPlacement(Exception):

@@ -7,6 +7,8 @@ as an `error` event once a stream has started (translated_stream.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from cortex.core.errors import ApiError
@@ -24,15 +26,9 @@ COUNT_TOKENS = "/v1/messages/count_tokens"
 TOKENIZE_PATH = "/v1/chat/tokenize"
 
 
-def setup(app: web.Application, relay: Relay) -> None:
-    routes = AnthropicRoutes(relay)
-    app.router.add_post(MESSAGES, routes.messages)
-    app.router.add_post(COUNT_TOKENS, routes.count_tokens)
-
-
+@dataclass
 class AnthropicRoutes:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    relay: Relay
 
     @endpoint(dialect=Dialect.ANTHROPIC)
     async def messages(self, request: web.Request) -> web.StreamResponse:

@@ -36,12 +36,6 @@ CHAT = Endpoint("/v1/chat/completions", "messages", (list,))
 COMPLETIONS = Endpoint("/v1/completions", "prompt", (str, list))
 
 
-def setup(app: web.Application, relay: Relay) -> None:
-    routes = OpenAIRoutes(relay)
-    app.router.add_post(CHAT.path, routes.chat_completions)
-    app.router.add_post(COMPLETIONS.path, routes.completions)
-
-
 def check_fields(payload: dict[str, Any], endpoint: Endpoint) -> None:
     """Type checks the gateway relies on (the rest is the neuron's to validate)."""
     stream = payload.get("stream")
@@ -73,9 +67,9 @@ def without_usage(event: bytes) -> bytes | None:
     return encode_data({k: v for k, v in chunk.items() if k != "usage"})
 
 
+@dataclass
 class OpenAIRoutes:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    relay: Relay
 
     @endpoint(dialect=Dialect.OPENAI)
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:

@@ -6,6 +6,8 @@ events once a stream has started (translated_stream.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from cortex.gateway.bodies import json_response, read_json
@@ -20,14 +22,9 @@ from cortex.gateway.relay import Relay
 RESPONSES = "/v1/responses"
 
 
-def setup(app: web.Application, relay: Relay) -> None:
-    routes = ResponsesRoutes(relay)
-    app.router.add_post(RESPONSES, routes.responses)
-
-
+@dataclass
 class ResponsesRoutes:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    relay: Relay
 
     @endpoint(dialect=Dialect.OPENAI)
     async def responses(self, request: web.Request) -> web.StreamResponse:

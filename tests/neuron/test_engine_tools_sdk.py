@@ -75,3 +75,17 @@ def test_anthropic_structured_output(gateway_url: str) -> None:
         output_config={"format": {"type": "json_schema", "schema": Answer.model_json_schema()}},
     )
     Answer.model_validate_json(raw.content[0].text)  # type: ignore[union-attr]
+
+
+def test_responses_logprobs(gateway_url: str) -> None:
+    response = _client(gateway_url).responses.create(
+        model=MODEL,
+        input="Count to three.",
+        max_output_tokens=8,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and "".join(p.token for p in part.logprobs) == part.text
+    assert all(len(p.top_logprobs) == 2 and p.logprob <= 0 for p in part.logprobs)

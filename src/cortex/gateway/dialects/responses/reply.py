@@ -19,12 +19,14 @@ from cortex.gateway.dialects.responses.request import (
 from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
 
 
-def output_text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [output_text_part(text)] if status == "completed" or text else []
+def message_item(
+    item_id: str, text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    content = [output_text_part(text, logprobs)] if status == "completed" or text else []
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
@@ -127,7 +129,8 @@ def to_response(response: dict[str, Any], req: ResponsesRequest, *, response_id:
         output.append(reasoning_item(_new_id("rs"), message["reasoning_content"]))
     text = message.get("content")
     if text:
-        output.append(message_item(_new_id("msg"), text))
+        logprobs = (choice.get("logprobs") or {}).get("content") if req.wants_logprobs() else None
+        output.append(message_item(_new_id("msg"), text, logprobs=logprobs))
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         call_id = call.get("id") or _new_id("call")

@@ -158,11 +158,16 @@ class ResponsesRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     text: TextConfig | None = None
+    include: list[str] | None = None  # "message.output_text.logprobs": per-token logprobs on output_text
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     user: str | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
+
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
 
     def function_tools(self) -> list[FunctionTool]:
         return [t for t in self.tools or [] if t.is_function()]

@@ -55,6 +55,9 @@ def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     response_format = to_chat_response_format(req.text.format if req.text else None)
     if response_format is not None:
         body["response_format"] = response_format
+    if req.wants_logprobs():  # computed by the neuron from the distribution it sampled from
+        body["logprobs"] = True
+        body["top_logprobs"] = req.top_logprobs or 0
     if req.stream:
         body["stream"] = True
     return body

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from cortex.core.errors import ApiError
 from cortex.core.sse import SseEvent
 
 
@@ -17,10 +18,19 @@ class ChunkTranslator(ABC):
 
     _started: bool  # set by the dialect's __init__
     _finished: bool
+    idle_events: tuple[SseEvent, ...] = ()  # what a quiet stream is sent (none: an SSE comment)
 
     @abstractmethod
     def start(self) -> list[SseEvent]:
         """The opening events, once (later calls return none)."""
+
+    @abstractmethod
+    def finish(self) -> list[SseEvent]:
+        """The closing events, once the upstream stream ended."""
+
+    @abstractmethod
+    def fail(self, error: ApiError) -> list[SseEvent]:
+        """The events that end a stream that already started with `error`."""
 
     @abstractmethod
     def _note_usage(self, usage: dict[str, Any]) -> None: ...

@@ -20,7 +20,9 @@ from aiohttp import web
 
 from cortex.core.errors import ApiError
 from cortex.core.sse import KEEPALIVE, SseEvent, encode_events
+from cortex.gateway.bodies import json_response
 from cortex.gateway.client_stream import ClientStream
+from cortex.gateway.dialects.chunk_translator import ChunkTranslator
 from cortex.gateway.keepalive import with_keepalive
 from cortex.gateway.pipeline import internal_error
 from cortex.gateway.relay import Relay, chunks
@@ -29,24 +31,30 @@ log = logging.getLogger("cortex.gateway.dialects")
 
 CHAT_PATH = "/v1/chat/completions"
 
-Feed = Callable[[dict[str, Any]], list[SseEvent]]
-Events = Callable[[], list[SseEvent]]
+
+async def answer_translated(
+    request: web.Request,
+    relay: Relay,
+    route: str,
+    model: Any,
+    body: dict[str, Any],
+    stream: ChunkTranslator | None,
+    render: Callable[[Any], dict[str, Any]],
+) -> web.StreamResponse:
+    """A dialect request's answer from the chat `body`: streamed through `stream`, or whole through `render`."""
+    if stream is not None:
+        return await TranslatedStream(request, relay, stream).run(route, model, body)
+    reply = await relay.fetch(route, model, CHAT_PATH, {**body, "stream": False})
+    return json_response(render(reply.json()))
 
 
 class TranslatedStream:
-    def __init__(
-        self,
-        request: web.Request,
-        relay: Relay,
-        *,
-        opening: Events,
-        idle_events: list[SseEvent],
-        fail: Callable[[ApiError], list[SseEvent]],
-    ) -> None:
-        idle_frame = encode_events(idle_events) if idle_events else KEEPALIVE
-        self.client = ClientStream(request, opening=lambda: encode_events(opening()), idle_frame=idle_frame)
+    def __init__(self, request: web.Request, relay: Relay, translator: ChunkTranslator) -> None:
+        idle_frame = encode_events(list(translator.idle_events)) if translator.idle_events else KEEPALIVE
+        self.client = ClientStream(request, opening=lambda: encode_events(translator.start()), idle_frame=idle_frame)
         self.relay = relay
-        self.fail = fail
+        self.translator = translator
+        self.fail = translator.fail
 
     async def _send(self, events: list[SseEvent]) -> None:
         """Write what the translator made of a chunk; chunks that show nothing still keep alive."""
@@ -56,8 +64,9 @@ class TranslatedStream:
         elif asyncio.get_running_loop().time() - client.last_write >= self.relay.keepalive_interval_s:
             await client.write(client.idle_frame)
 
-    async def run(self, route: str, model: Any, body: dict[str, Any], feed: Feed, finish: Events) -> web.StreamResponse:
+    async def run(self, route: str, model: Any, body: dict[str, Any]) -> web.StreamResponse:
         client = self.client
+        feed, finish = self.translator.feed, self.translator.finish
         interval = self.relay.keepalive_interval_s
         try:
             async with self.relay.stream(route, model, CHAT_PATH, body, keepalive=client.idle) as events:

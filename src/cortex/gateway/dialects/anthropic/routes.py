@@ -15,9 +15,9 @@ from cortex.core.errors import ApiError
 from cortex.gateway.bodies import json_response, read_json
 from cortex.gateway.dialects.anthropic.reply import to_anthropic_message
 from cortex.gateway.dialects.anthropic.request import parse_count_tokens_request, parse_messages_request
-from cortex.gateway.dialects.anthropic.stream import AnthropicStream, error_event, ping_event
+from cortex.gateway.dialects.anthropic.stream import AnthropicStream
 from cortex.gateway.dialects.anthropic.to_chat import to_chat_request as chat_body
-from cortex.gateway.dialects.translated_stream import CHAT_PATH, TranslatedStream
+from cortex.gateway.dialects.translated_stream import answer_translated
 from cortex.gateway.pipeline import Dialect, endpoint
 from cortex.gateway.relay import Relay
 
@@ -32,21 +32,18 @@ class AnthropicRoutes:
 
     @endpoint(dialect=Dialect.ANTHROPIC)
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        payload, _ = await read_json(request)
-        req = parse_messages_request(payload)
-        body = chat_body(req)
-        if req.stream:
-            stream = AnthropicStream(req.model, thinking=req.wants_thinking())
-            translated = TranslatedStream(
-                request,
-                self.relay,
-                opening=stream.start,
-                idle_events=[ping_event()],
-                fail=lambda err: [error_event(err)],
-            )
-            return await translated.run(MESSAGES, req.model, body, stream.feed, stream.finish)
-        reply = await self.relay.fetch(MESSAGES, req.model, CHAT_PATH, {**body, "stream": False})
-        return json_response(to_anthropic_message(reply.json(), model=req.model, thinking=req.wants_thinking()))
+        req = parse_messages_request((await read_json(request))[0])
+        thinking = req.wants_thinking()
+        stream = AnthropicStream(req.model, thinking=thinking) if req.stream else None
+        return await answer_translated(
+            request,
+            self.relay,
+            MESSAGES,
+            req.model,
+            chat_body(req),
+            stream,
+            lambda reply: to_anthropic_message(reply, model=req.model, thinking=thinking),
+        )
 
     @endpoint(dialect=Dialect.ANTHROPIC)
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:

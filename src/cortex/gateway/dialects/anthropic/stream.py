@@ -48,6 +48,8 @@ class AnthropicStream(ChunkTranslator):
     neuron emits each tool call whole, so nothing is delayed in practice.
     """
 
+    idle_events = (ping_event(),)
+
     def __init__(
         self,
         model: str,
@@ -89,6 +91,9 @@ class AnthropicStream(ChunkTranslator):
             "usage": usage_block(self.input_tokens, 0),
         }
         return [("message_start", {"type": "message_start", "message": message})]
+
+    def fail(self, error: ApiError) -> list[SseEvent]:
+        return [error_event(error)]
 
     def _note_usage(self, usage: dict[str, Any]) -> None:
         self.input_tokens = usage.get("prompt_tokens", self.input_tokens)

@@ -151,3 +151,15 @@ def cached_tokens(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0
+
+
+def function_tool(
+    name: str | None, parameters: dict[str, Any] | None, description: str | None = None, strict: bool | None = None
+) -> dict[str, Any]:
+    """A chat request's function tool, as every dialect's tool becomes (no schema: any object)."""
+    function: dict[str, Any] = {"name": name, "parameters": parameters or {"type": "object"}}
+    if description is not None:
+        function["description"] = description
+    if strict is not None:
+        function["strict"] = strict
+    return {"type": "function", "function": function}

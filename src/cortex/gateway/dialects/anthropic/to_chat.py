@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from cortex.core.errors import ApiError, bad_request
+from cortex.core.openai import function_tool
 from cortex.gateway.dialects.anthropic.request import (
     CountTokensRequest,
     DocumentBlock,
@@ -89,12 +90,7 @@ def _add_tools(body: dict[str, Any], tools: list[ToolDefinition] | None, choice:
 
 
 def to_chat_tool(tool: ToolDefinition) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema or {"type": "object"}}
-    if tool.description is not None:
-        function["description"] = tool.description
-    if tool.strict is not None:
-        function["strict"] = tool.strict
-    return {"type": "function", "function": function}
+    return function_tool(tool.name, tool.input_schema, tool.description, tool.strict)
 
 
 def to_chat_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from cortex.core.errors import bad_request
+from cortex.core.openai import function_tool
 from cortex.gateway.dialects.responses.request import (
     ContentPart,
     FunctionCallItem,
@@ -64,12 +65,7 @@ def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
 
 
 def to_chat_tool(tool: FunctionTool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
-    if tool.description is not None:
-        function["description"] = tool.description
-    if tool.strict is not None:
-        function["strict"] = tool.strict
-    return {"type": "function", "function": function}
+    return function_tool(tool.name, tool.parameters, tool.description, tool.strict)
 
 
 def to_chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:

@@ -52,9 +52,11 @@ async def test_streamed_answer_matches(default_neuron: Daemon) -> None:
 
 
 def test_curl_from_the_readme(default_neuron: Daemon) -> None:
-    """The README's curl command, as a new user would type it."""
+    """The README's first curl body, sent straight to a neuron (which knows the model by its id, not by the
+    gateway's alias; tests/e2e/test_docs.py runs the command word for word against a real `cortex up`)."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    data = readme.split("-d '", 1)[1].split("'", 1)[0]
+    data = readme.split("-d '", 1)[1].split("'", 1)[0].replace('"smollm2"', f'"{DEFAULT_MODEL_ID}"')
+    assert DEFAULT_MODEL_ID in data
     out = subprocess.run(
         ["curl", "-s", f"{default_neuron.url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", data],
         capture_output=True,

@@ -7,12 +7,31 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def add_version_option(app: typer.Typer, program: str) -> None:
+    """`PROGRAM --version` on a Typer app: prints the package version and exits before any command runs."""
+
+    def show(value: bool) -> None:
+        if value:
+            import cortex
+
+            typer.echo(f"{program} {cortex.__version__}")
+            raise typer.Exit()
+
+    # The option is a default value, not an `Annotated` type: annotations are strings here, and `show` is local.
+    option = typer.Option(False, "--version", callback=show, is_eager=True, help="Print the version and exit")
+
+    @app.callback(help=app.info.help)
+    def _main(version: bool = option) -> None:
+        pass
 
 
 class CliError(Exception):

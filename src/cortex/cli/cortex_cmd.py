@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from cortex.cli.console import (
     CliError,
     GatewayClient,
+    add_version_option,
     console,
     err_console,
     models_table,
@@ -34,21 +35,7 @@ AdminKeyOption = Annotated[
 ApiKeyOption = Annotated[str | None, typer.Option("--api-key", envvar="CORTEX_API_KEY", help="A client API key")]
 
 
-def _version(value: bool) -> None:
-    if value:
-        import cortex
-
-        typer.echo(f"cortex {cortex.__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
-    ] = False,
-) -> None:
-    """cortex gateway: one OpenAI/Anthropic API over a fleet of neurons."""
+add_version_option(app, "cortex")
 
 
 CLIENT_VARIABLES = ("CORTEX_URL", "CORTEX_ADMIN_KEY", "CORTEX_API_KEY")  # for `cortex status`, `bench`, …

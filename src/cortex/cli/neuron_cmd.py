@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cortex.cli.console import add_version_option
 from cortex.core.logs import setup_logging
 from cortex.core.settings import ConfigError
 
@@ -16,23 +17,7 @@ if TYPE_CHECKING:
     from cortex.neuron.config import NeuronConfig
 
 app = typer.Typer(help="cortex node daemon: serves local models in-process on this host's GPUs (or CPU).")
-
-
-def _version(value: bool) -> None:
-    if value:
-        import cortex
-
-        typer.echo(f"neuron {cortex.__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
-    ] = False,
-) -> None:
-    """cortex node daemon: serves local models in-process on this host's GPUs (or CPU)."""
+add_version_option(app, "neuron")
 
 
 @app.command()

@@ -65,3 +65,63 @@ def test_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(CliError, match="asked for twice"):
         check_ports([("127.0.0.1:1", "gateway API", "--listen"), ("127.0.0.1:1", "neuron", "--neuron-listen")])
     assert client_host("[::]:31313") == "127.0.0.1:31313"
+
+
+async def _report_against(gateway_lists_after_s: float, monkeypatch: pytest.MonkeyPatch, unseen_limit: int) -> str:
+    """Run the start-up report against one loopback server that is both the neuron and the gateway: the neuron
+    has the model loaded from the start, the gateway lists it only `gateway_lists_after_s` later (its next poll)."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from cortex.cli import up
+
+    monkeypatch.setattr(up, "UNSEEN_POLLS_LIMIT", unseen_limit)
+    started = time.monotonic()
+
+    async def neuron_models(_: web.Request) -> web.Response:
+        return web.json_response([{"id": "m", "status": "loaded"}])
+
+    async def gateway_models(_: web.Request) -> web.Response:
+        seen = time.monotonic() - started >= gateway_lists_after_s
+        data = [{"id": "m", "object": "model", "status": "loaded", "loaded_on": ["local"]}] if seen else []
+        return web.json_response({"object": "list", "data": data})
+
+    app = web.Application()
+    app.router.add_get("/models", neuron_models)
+    app.router.add_get("/v1/models", gateway_models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    out = io.StringIO()
+    try:
+        report = up.StartupReport(
+            neurons=[up.LocalNeuron("local", f"127.0.0.1:{port}")],
+            gateway_url=f"http://127.0.0.1:{port}",
+            metrics_url=None,
+            started=started,
+            on_ready=lambda: None,
+            out=Console(file=out, force_terminal=False, width=400),
+        )
+        await asyncio.wait_for(report.run(), timeout=60)
+    finally:
+        await runner.cleanup()
+    return out.getvalue()
+
+
+def test_ready_waits_for_the_gateway_to_list_a_loaded_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway sees a load at its next poll, seconds after the neuron finished: "ready" must still come."""
+    import asyncio
+
+    text = asyncio.run(_report_against(3.0, monkeypatch, unseen_limit=240))
+    assert "ready in" in text and "no model" not in text, text
+
+
+def test_a_gateway_that_never_lists_the_model_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    text = asyncio.run(_report_against(3600.0, monkeypatch, unseen_limit=4))
+    assert "the gateway does not list the loaded model" in text and "ready in" not in text, text

@@ -39,6 +39,8 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 from cortex.cli.console import CliError, console
 
 DEFAULT_ALIAS = "smollm2"  # not `default`: Claude Code (and others) reserve that name for their own model
+# Polls (0.25 s apart) to wait for the gateway to list a model a neuron reports loaded: many of its poll intervals.
+UNSEEN_POLLS_LIMIT = 240
 
 # Keep a daemon's stderr free of progress bars: `cortex up` draws its own from the neuron's /models.
 QUIET_ENV = {
@@ -314,7 +316,7 @@ class StartupReport:
 
         view = LoadView(self.out)
         reported_failures: set[tuple[str, str]] = set()
-        idle_polls = 0
+        idle_polls = unseen_polls = 0
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
                 while True:
@@ -346,10 +348,14 @@ class StartupReport:
                         view.stop()
                         self._print_ready(ready)
                         return
-                    idle_polls = idle_polls + 1 if loading == 0 else 0
-                    if idle_polls >= 8:  # nothing loading for 2 s and nothing loaded: say so, don't hang
+                    # A model a neuron has loaded is routable once the gateway's next poll sees it (every
+                    # `poll.interval_s`): wait for that, and give up only when nothing is loading or loaded.
+                    settled = loading == 0 and not any(model.status == "loaded" for _, model in entries)
+                    idle_polls = idle_polls + 1 if settled else 0
+                    unseen_polls = unseen_polls + 1 if loading == 0 and not settled else 0
+                    if idle_polls >= 8 or unseen_polls >= UNSEEN_POLLS_LIMIT:  # say so, don't hang
                         view.stop()
-                        self._print_ready(None, failed=bool(reported_failures))
+                        self._print_ready(None, failed=bool(reported_failures), unseen=not settled)
                         return
                     await asyncio.sleep(0.25)
         finally:
@@ -383,7 +389,7 @@ class StartupReport:
                 return {**model, "aliases": aliases}
         return None
 
-    def _print_ready(self, model: dict[str, Any] | None, failed: bool = False) -> None:
+    def _print_ready(self, model: dict[str, Any] | None, failed: bool = False, unseen: bool = False) -> None:
         elapsed = time.monotonic() - self.started
         out = self.out
         aliases = _aliases(model) if model is not None else []
@@ -393,6 +399,13 @@ class StartupReport:
             out.print(
                 f"[green bold]ready in {elapsed:.0f} s[/green bold] — {escape(model['id'] + also)} answers on "
                 f"{escape(where)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        elif unseen:
+            out.print(
+                f"[yellow]up in {elapsed:.0f} s, but the gateway does not list the loaded model yet[/yellow]: "
+                "check `cortex status` and the gateway's log for its polls of the neuron",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -36,21 +36,8 @@ from typing import Any
 import torch
 
 from cortex.neuron.engine import Engine, Finished, GenerationRequest, LoadedModel, SamplingParams, TextDelta
+from gpu.common import QUESTIONS, QWEN3_SHAPES  # benchmarks/gpu/common.py: the prompts and shapes both use
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain how a bicycle stays upright.",
-    "List three uses for a paperclip.",
-    "Why is the sky blue? Answer in detail, covering Rayleigh scattering and the role of the atmosphere.",
-    "Summarise the plot of Hamlet.",
-    "How do vaccines train the immune system?",
-    "Give me a recipe for pancakes, with quantities.",
-]
-QWEN3_SHAPES = {
-    "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16},
-    "qwen3-8b": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32},
-}
 PREFIX_SENTENCE = "The assistant follows the house rules, quotes sources, and keeps answers short. "
 
 

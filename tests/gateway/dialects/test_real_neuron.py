@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.support.claude_code import CLAUDE_CODE_HEADERS, claude_code_request
-from tests.support.dialect_schemas import assert_anthropic_event, assert_responses_event
+from tests.support.dialect_schemas import assert_anthropic_event, assert_response, assert_responses_event
 from tests.support.gateway_procs import RealFleet, run_single_model_fleet
 from tests.support.models import build_tiny_model
 
@@ -143,3 +143,78 @@ def test_responses_stream_with_function_tools(real_fleet: RealFleet) -> None:
     for event in seen:
         assert_responses_event(event.type, event.model_dump(exclude_unset=True))
     assert seen[0].type == "response.created" and seen[-1].type in ("response.completed", "response.incomplete")
+
+
+# A bounded patch grammar: a random-weight model forced into it always finishes the call.
+PATCH_LARK = 'start: "*** Begin Patch\\n" ("+" WORD "\\n")~1..3 "*** End Patch"\nWORD: /[a-z]{1,6}/'
+PATCH_INPUT = re.compile(r"\A\*\*\* Begin Patch\n(\+[a-z]{1,6}\n){1,3}\*\*\* End Patch\Z")
+PATCH_TOOL: Any = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Apply a patch to the workspace.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_LARK},
+}
+
+
+def test_responses_custom_grammar_tool_call_and_its_output(real_fleet: RealFleet) -> None:
+    """Codex's `apply_patch` loop: the forced call comes back as a `custom_tool_call` whose input
+    satisfies the tool's Lark grammar (random weights: the grammar alone makes it so), and the call
+    with its output goes back in the next turn's `input`."""
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    first = client.responses.create(
+        model=MODEL,
+        input="Add a file.",
+        tools=[PATCH_TOOL],
+        tool_choice={"type": "custom", "name": "apply_patch"},
+        max_output_tokens=120,
+    )
+    assert_response(first.model_dump(mode="json", exclude_unset=True))
+    calls = [item for item in first.output if item.type == "custom_tool_call"]
+    assert len(calls) == 1, first.output
+    call = calls[0]
+    assert call.name == "apply_patch" and PATCH_INPUT.match(call.input), call.input
+    second = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "Add a file."},
+            {"type": "custom_tool_call", "call_id": call.call_id, "name": call.name, "input": call.input},
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},
+        ],
+        tools=[PATCH_TOOL],
+        max_output_tokens=8,
+    )
+    assert second.status in ("completed", "incomplete")
+    assert second.usage is not None and second.usage.input_tokens > first.usage.input_tokens  # type: ignore[union-attr]
+
+
+def test_responses_custom_tool_call_streams(real_fleet: RealFleet) -> None:
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    regex_tool: Any = {
+        "type": "custom",
+        "name": "pick",
+        "format": {"type": "grammar", "syntax": "regex", "definition": "(red|green|blue)"},
+    }
+    namespace: Any = {
+        "type": "namespace",
+        "name": "multi_agent_v1",
+        "description": "Sub-agents",
+        "tools": [regex_tool],
+    }
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input="Pick a colour.",
+            tools=[namespace],
+            tool_choice="required",
+            max_output_tokens=60,
+            stream=True,
+        )
+    )
+    for event in events:
+        assert_responses_event(event.type, event.model_dump(exclude_unset=True))
+    names = [event.type for event in events]
+    assert "response.custom_tool_call_input.done" in names, names
+    final = events[-1]
+    assert final.type == "response.completed"
+    (call,) = [item for item in final.response.output if item.type == "custom_tool_call"]
+    assert (call.name, call.namespace) == ("pick", "multi_agent_v1") and call.input in ("red", "green", "blue")

@@ -9,7 +9,7 @@ import pytest
 from cortex.core.errors import ApiError
 from cortex.core.openai import ChatCompletionRequest
 from cortex.gateway.dialects.responses.reply import to_response
-from cortex.gateway.dialects.responses.request import parse_responses_request
+from cortex.gateway.dialects.responses.request import optional_tools, parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
 from cortex.gateway.dialects.responses.to_chat import to_chat_request
 from tests.support.dialect_schemas import assert_response, assert_responses_event
@@ -126,7 +126,7 @@ def test_function_call_without_preceding_assistant_text() -> None:
 
 
 def test_tools_flat_to_nested_and_tool_choice() -> None:
-    chat = translate(tools=[WEATHER_TOOL, {"type": "web_search"}], tool_choice="required", parallel_tool_calls=False)
+    chat = translate(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False)
     assert chat["tools"] == [
         {
             "type": "function",
@@ -143,7 +143,6 @@ def test_tools_flat_to_nested_and_tool_choice() -> None:
     assert forced["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
     allowed = translate(tools=[WEATHER_TOOL], tool_choice={"type": "allowed_tools", "mode": "required", "tools": []})
     assert allowed["tool_choice"] == "required"
-    assert "tools" not in translate(tools=[{"type": "file_search", "vector_store_ids": []}], tool_choice="auto")
 
 
 def test_text_format_becomes_response_format() -> None:
@@ -181,7 +180,16 @@ def test_unknown_fields_are_ignored() -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, None, "file_id"),
         ({"input": "x", "tool_choice": "sometimes", "tools": [WEATHER_TOOL]}, "tool_choice", "sometimes"),
         ({"input": "x", "tool_choice": {"type": "web_search"}, "tools": [WEATHER_TOOL]}, "tool_choice", "web_search"),
-        ({"input": "x", "tools": [{"type": "function"}]}, "tools.0", "needs a 'name'"),
+        ({"input": "x", "tools": [{"type": "function"}]}, "tools.0.name", "Field required"),
+        ({"input": "x", "tools": [{"type": "custom", "name": "p", "format": {"type": "grammar"}}]}, None, "syntax"),
+        ({"input": "x", "tools": [WEATHER_TOOL, {"type": "web_search"}]}, "tools[1].type", "'web_search'"),
+        ({"input": "x", "tools": [{"type": "code_interpreter", "container": {}}]}, "tools[0].type", "OpenAI's servers"),
+        ({"input": "x", "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools", "two tools are called 'weather'"),
+        (
+            {"input": "x", "tool_choice": {"type": "custom", "name": "nope"}, "tools": [WEATHER_TOOL]},
+            "tool_choice",
+            "nope",
+        ),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
         ({}, "input", "Field required"),
     ],
@@ -403,3 +411,154 @@ def test_cached_prompt_tokens_are_reported_as_cached_input() -> None:
     stream.feed({"choices": [], "usage": usage_chunk})
     done = [data for name, data in stream.finish() if name == "response.completed"]
     assert done[0]["response"]["usage"]["input_tokens_details"]["cached_tokens"] == 16
+
+
+# ------------------------------------------------------------------------------ custom, namespace and hosted tools
+
+PATCH_GRAMMAR = 'start: "*** Begin Patch\\n" LINE* "*** End Patch"\nLINE: /[^\\n]*\\n/'
+PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Edit files",
+    "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR},
+}
+NOTE_TOOL = {"type": "custom", "name": "note", "format": {"type": "text"}}
+AGENTS = {
+    "type": "namespace",
+    "name": "multi_agent_v1",
+    "description": "Sub-agents",
+    "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {}}},
+        {"type": "custom", "name": "tell"},
+    ],
+}
+
+
+def test_custom_tools_become_the_neurons_custom_tools() -> None:
+    chat = translate(tools=[PATCH_TOOL, NOTE_TOOL], tool_choice={"type": "custom", "name": "apply_patch"})
+    assert chat["tools"] == [
+        {
+            "type": "custom",
+            "custom": {
+                "name": "apply_patch",
+                "description": "Edit files",
+                "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": PATCH_GRAMMAR}},
+            },
+        },
+        {"type": "custom", "custom": {"name": "note", "format": {"type": "text"}}},
+    ]
+    assert chat["tool_choice"] == {"type": "custom", "custom": {"name": "apply_patch"}}
+
+
+def test_custom_tool_call_and_output_items_become_the_conversation() -> None:
+    chat = translate(
+        tools=[PATCH_TOOL, AGENTS],
+        input=[
+            {"role": "user", "content": "fix it"},
+            {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "*** Begin Patch\n"},
+            {
+                "type": "function_call",
+                "call_id": "c2",
+                "name": "spawn",
+                "namespace": "multi_agent_v1",
+                "arguments": "{}",
+            },
+            {"type": "custom_tool_call_output", "call_id": "c1", "output": "Done!"},
+            {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "ok"}]},
+        ],
+    )
+    assert chat["messages"] == [
+        {"role": "user", "content": "fix it"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin Patch\n"}},
+                {"id": "c2", "type": "function", "function": {"name": "multi_agent_v1__spawn", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "Done!"},
+        {"role": "tool", "tool_call_id": "c2", "content": "ok"},
+    ]
+
+
+def test_namespace_tools_are_flattened() -> None:
+    chat = translate(tools=[AGENTS], tool_choice={"type": "function", "name": "spawn", "namespace": "multi_agent_v1"})
+    assert [t["type"] for t in chat["tools"]] == ["function", "custom"]
+    assert chat["tools"][0]["function"]["name"] == "multi_agent_v1__spawn"
+    assert chat["tools"][1]["custom"]["name"] == "multi_agent_v1__tell"
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "multi_agent_v1__spawn"}}
+
+
+def test_optional_hosted_tools_are_dropped() -> None:
+    optional = optional_tools("web_search, image_generation")
+    req = parse_responses_request(
+        {"model": "m", "input": "x", "tools": [{"type": "web_search"}, WEATHER_TOOL, {"type": "image_generation"}]},
+        optional,
+    )
+    assert [t["function"]["name"] for t in to_chat_request(req)["tools"]] == ["weather"]
+    with pytest.raises(ApiError, match="'file_search'"):
+        parse_responses_request({"model": "m", "input": "x", "tools": [{"type": "file_search"}]}, optional)
+    everything = parse_responses_request({"model": "m", "input": "x", "tools": [{"type": "mcp"}]}, optional_tools("*"))
+    assert "tools" not in to_chat_request(everything)
+
+
+def test_custom_and_namespaced_calls_in_the_reply() -> None:
+    req = parse_responses_request({"model": "m", "input": "hi", "tools": [PATCH_TOOL, AGENTS]})
+    calls = [
+        {"id": "call_1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin Patch\n"}},
+        {"id": "call_2", "type": "function", "function": {"name": "multi_agent_v1__spawn", "arguments": "{}"}},
+        {"id": "call_3", "type": "custom", "custom": {"name": "multi_agent_v1__tell", "input": "hi"}},
+    ]
+    response = to_response(chat_completion({"content": None, "tool_calls": calls}, finish="tool_calls"), req)
+    assert_response(response)
+    patch, spawn, tell = response["output"]
+    assert patch == {
+        "id": patch["id"],
+        "type": "custom_tool_call",
+        "call_id": "call_1",
+        "name": "apply_patch",
+        "input": "*** Begin Patch\n",
+    }
+    assert (spawn["type"], spawn["name"], spawn["namespace"]) == ("function_call", "spawn", "multi_agent_v1")
+    assert (tell["type"], tell["name"], tell["namespace"], tell["input"]) == (
+        "custom_tool_call",
+        "tell",
+        "multi_agent_v1",
+        "hi",
+    )
+    assert [t["type"] for t in response["tools"]] == ["custom", "namespace"]
+
+
+def test_custom_tool_call_stream_sequence() -> None:
+    head = {"index": 0, "id": "call_1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin"}}
+    spawn = {"index": 1, "id": "call_2", "type": "function", "function": {"name": "multi_agent_v1__spawn"}}
+    events = stream_events(
+        [
+            chunk({"tool_calls": [head]}),
+            chunk({"tool_calls": [{"index": 0, "type": "custom", "custom": {"input": " Patch\n"}}]}),
+            chunk({"tool_calls": [spawn]}),
+            chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}),
+            chunk({}, "tool_calls"),
+        ],
+        tools=[PATCH_TOOL, AGENTS],
+    )
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[2][1]["item"]["input"] == "" and events[5][1]["input"] == "*** Begin Patch\n"
+    assert events[7][1]["item"]["namespace"] == "multi_agent_v1" and events[7][1]["item"]["name"] == "spawn"
+    patch, call = events[-1][1]["response"]["output"]
+    assert (patch["type"], patch["name"], patch["input"]) == ("custom_tool_call", "apply_patch", "*** Begin Patch\n")
+    assert (call["name"], call["namespace"], call["arguments"]) == ("spawn", "multi_agent_v1", "{}")

@@ -1,7 +1,8 @@
 """OpenAI chat completion -> Responses `response` object: output items, status, usage.
 
 Output items are, in order: reasoning (when the model thought), the message, then one
-`function_call` item per tool call.
+`function_call` or `custom_tool_call` item per tool call, named as the client declared the tool
+(a namespaced tool's flat name split back into `namespace` and `name`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from typing import Any
 from cortex.core.errors import ApiError
 from cortex.core.openai import cached_tokens
 from cortex.gateway.dialects.responses.request import (
+    CustomTool,
     FunctionTool,
+    HostedTool,
+    NamespaceTool,
+    RequestTool,
     ResponsesRequest,
     TextFormat,
 )
@@ -36,9 +41,9 @@ def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[s
 
 
 def function_call_item(
-    item_id: str, call_id: str, name: str, arguments: str, status: str = "completed"
+    item_id: str, call_id: str, name: str, arguments: str, status: str = "completed", namespace: str | None = None
 ) -> dict[str, Any]:
-    return {
+    item = {
         "id": item_id,
         "type": "function_call",
         "call_id": call_id,
@@ -46,6 +51,37 @@ def function_call_item(
         "arguments": arguments,
         "status": status,
     }
+    if namespace:
+        item["namespace"] = namespace
+    return item
+
+
+def custom_tool_call_item(
+    item_id: str, call_id: str, name: str, text: str, namespace: str | None = None
+) -> dict[str, Any]:
+    """A `custom_tool_call` output item (the spec gives it no `status`)."""
+    item = {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name, "input": text}
+    if namespace:
+        item["namespace"] = namespace
+    return item
+
+
+def client_name(req: ResponsesRequest, flat: str) -> tuple[str | None, str]:
+    """(namespace, name) of the tool the model called by its flat name; an undeclared name stays as is."""
+    return req.tool_names().get(flat, (None, flat))
+
+
+def tool_call_item(req: ResponsesRequest, call: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool call (function or custom) as the Responses output item the client expects."""
+    call_id = call.get("id") or _new_id("call")
+    if call.get("type") == "custom":
+        custom = call.get("custom") or {}
+        namespace, name = client_name(req, custom.get("name", ""))
+        return custom_tool_call_item(_new_id("ctc"), call_id, name, custom.get("input") or "", namespace)
+    function = call.get("function") or {}
+    namespace, name = client_name(req, function.get("name", ""))
+    arguments = function.get("arguments") or ""
+    return function_call_item(_new_id("fc"), call_id, name, arguments, namespace=namespace)
 
 
 def response_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -89,7 +125,7 @@ def response_object(
         "top_p": req.top_p,
         "text": {"format": _echo_format(req)},
         "tool_choice": _echo_tool_choice(req.tool_choice),
-        "tools": [_echo_tool(t) for t in req.function_tools()],
+        "tools": [_echo_tool(t) for t in req.tools or [] if not isinstance(t, HostedTool)],
         "truncation": "disabled",
         "usage": usage,
         "user": req.user,
@@ -106,7 +142,18 @@ def _echo_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, An
     return "auto" if choice is None else choice
 
 
-def _echo_tool(tool: FunctionTool) -> dict[str, Any]:
+def _echo_tool(tool: RequestTool) -> dict[str, Any]:
+    if isinstance(tool, NamespaceTool):
+        inner = [_echo_tool(t) for t in tool.tools]
+        return {"type": "namespace", "name": tool.name, "description": tool.description, "tools": inner}
+    if isinstance(tool, CustomTool):
+        echoed: dict[str, Any] = {"type": "custom", "name": tool.name}
+        if tool.description is not None:
+            echoed["description"] = tool.description
+        if tool.format is not None:
+            echoed["format"] = tool.format.model_dump(exclude_none=True)
+        return echoed
+    assert isinstance(tool, FunctionTool)
     return {
         "type": "function",
         "name": tool.name,
@@ -132,11 +179,7 @@ def to_response(response: dict[str, Any], req: ResponsesRequest, *, response_id:
         logprobs = (choice.get("logprobs") or {}).get("content") if req.wants_logprobs() else None
         output.append(message_item(_new_id("msg"), text, logprobs=logprobs))
     for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        call_id = call.get("id") or _new_id("call")
-        output.append(
-            function_call_item(_new_id("fc"), call_id, function.get("name", ""), function.get("arguments") or "")
-        )
+        output.append(tool_call_item(req, call))
     usage = response.get("usage") or {}
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     return response_object(

@@ -61,11 +61,29 @@ class FunctionCallItem(_Lenient):
     call_id: str
     name: str
     arguments: str = ""
+    namespace: str | None = None  # the call was to a function of a `namespace` tool
     id: str | None = None
 
 
 class FunctionCallOutputItem(_Lenient):
     type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+class CustomToolCallItem(_Lenient):
+    """An earlier call to a `custom` tool: its free-form `input` goes back to the model as it wrote it."""
+
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str = ""
+    namespace: str | None = None
+    id: str | None = None
+
+
+class CustomToolCallOutputItem(_Lenient):
+    type: Literal["custom_tool_call_output"]
     call_id: str
     output: str | list[ContentPart]
 
@@ -102,12 +120,21 @@ class UnsupportedItem(_Lenient):
         raise ValueError(f"input items of type {self.type!r} are not supported")
 
 
-_ITEM_KINDS = ("message", "function_call", "function_call_output", "reasoning")
+_ITEM_KINDS = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "reasoning",
+)
 
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
+    | Annotated[CustomToolCallOutputItem, Tag("custom_tool_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
     Discriminator(_item_kind),
@@ -115,23 +142,84 @@ InputItem = Annotated[
 
 
 class FunctionTool(_Lenient):
-    """Responses' flat function tool. Hosted tools (`web_search`, `file_search`, ...) run on
-    OpenAI's servers; we have none, so they are skipped (`type` other than `function`)."""
+    """Responses' flat function tool."""
 
-    type: str
-    name: str | None = None
+    type: Literal["function"]
+    name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+
+class CustomToolFormat(_Lenient):
+    """A custom tool's input: free text, or text in a Lark or regex grammar (enforced while decoding)."""
+
+    type: Literal["text", "grammar"] = "text"
+    syntax: Literal["lark", "regex"] | None = None
+    definition: str | None = None
+
     @model_validator(mode="after")
-    def _function_needs_name(self) -> FunctionTool:
-        if self.type == "function" and not self.name:
-            raise ValueError("a function tool needs a 'name'")
+    def _grammar_needs_definition(self) -> CustomToolFormat:
+        if self.type == "grammar" and (self.syntax is None or not (self.definition or "").strip()):
+            raise ValueError("a grammar format needs 'syntax' ('lark' or 'regex') and a non-empty 'definition'")
         return self
 
-    def is_function(self) -> bool:
-        return self.type == "function"
+
+class CustomTool(_Lenient):
+    """A tool that takes free-form text (Codex's `apply_patch`); its calls are `custom_tool_call` items."""
+
+    type: Literal["custom"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    format: CustomToolFormat | None = None
+
+
+NamespacedTool = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
+
+
+class NamespaceTool(_Lenient):
+    """Function and custom tools grouped under a name (Codex's `multi_agent_v1`). The model sees each
+    under a flat name (`flat_tool_name`); its calls come back with `name` and `namespace` apart."""
+
+    type: Literal["namespace"]
+    name: str = Field(min_length=1)
+    description: str = ""
+    tools: list[NamespacedTool]
+
+
+class HostedTool(_Lenient):
+    """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, ...).
+    Refused (400 naming it) unless the client lists it as optional (`OPTIONAL_TOOLS_HEADER`)."""
+
+    type: str
+
+
+_TOOL_TAGS = {"function": "FunctionTool", "custom": "CustomTool", "namespace": "NamespaceTool"}
+
+
+def _tool_kind(tool: Any) -> str:
+    """The tool's class (CamelCase tags are left out of error paths: `tools.0.name: Field required`)."""
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return _TOOL_TAGS.get(kind, "HostedTool") if isinstance(kind, str) else "HostedTool"
+
+
+RequestTool = Annotated[
+    Annotated[FunctionTool, Tag("FunctionTool")]
+    | Annotated[CustomTool, Tag("CustomTool")]
+    | Annotated[NamespaceTool, Tag("NamespaceTool")]
+    | Annotated[HostedTool, Tag("HostedTool")],
+    Discriminator(_tool_kind),
+]
+
+ClientTool = FunctionTool | CustomTool
+
+NAMESPACE_SEPARATOR = "__"
+
+
+def flat_tool_name(namespace: str | None, name: str) -> str:
+    """The name the model sees for a tool: `<namespace>__<name>` inside a namespace (a valid function
+    name: OpenAI allows only letters, digits, `_` and `-`), else the tool's own name."""
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if namespace else name
 
 
 class TextFormat(_Lenient):
@@ -150,7 +238,7 @@ class ResponsesRequest(_Lenient):
     model: str = Field(min_length=1)
     input: str | list[InputItem]
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[RequestTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -169,8 +257,19 @@ class ResponsesRequest(_Lenient):
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
 
-    def function_tools(self) -> list[FunctionTool]:
-        return [t for t in self.tools or [] if t.is_function()]
+    def client_tools(self) -> list[tuple[str | None, ClientTool]]:
+        """(namespace or None, tool) for every tool the client runs, namespaces flattened, in order."""
+        found: list[tuple[str | None, ClientTool]] = []
+        for tool in self.tools or []:
+            if isinstance(tool, NamespaceTool):
+                found.extend((tool.name, inner) for inner in tool.tools)
+            elif isinstance(tool, FunctionTool | CustomTool):
+                found.append((None, tool))
+        return found
+
+    def tool_names(self) -> dict[str, tuple[str | None, str]]:
+        """The model's flat tool name -> (namespace, the client's name), for mapping calls back."""
+        return {flat_tool_name(ns, tool.name): (ns, tool.name) for ns, tool in self.client_tools()}
 
 
 def _refuse_state(req: ResponsesRequest) -> None:
@@ -183,7 +282,41 @@ def _refuse_state(req: ResponsesRequest) -> None:
         raise bad_request("background responses are not supported; stream instead", param="background")
 
 
-def parse_responses_request(body: Any) -> ResponsesRequest:
+OPTIONAL_TOOLS_HEADER = "X-Cortex-Optional-Tools"
+
+
+def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
+    """Hosted tools are refused by name unless optional (then dropped); flat names must be unique."""
+    kept: list[Any] = []
+    for index, tool in enumerate(req.tools or []):
+        if isinstance(tool, HostedTool):
+            if tool.type in optional or "*" in optional:
+                continue
+            raise bad_request(
+                f"tools[{index}]: the hosted tool {tool.type!r} runs on OpenAI's servers and is not available here "
+                f"(only function, custom and namespace tools are); leave it out, or list it in the "
+                f"{OPTIONAL_TOOLS_HEADER} header to have it dropped",
+                param=f"tools[{index}].type",
+            )
+        kept.append(tool)
+    req.tools = kept if req.tools is not None else None
+    seen: set[str] = set()
+    for namespace, tool in req.client_tools():
+        flat = flat_tool_name(namespace, tool.name)
+        if flat in seen:
+            raise bad_request(
+                f"two tools are called {flat!r} (namespaced tools are named <namespace>__<name>)", "tools"
+            )
+        seen.add(flat)
+
+
+def optional_tools(header: str | None) -> frozenset[str]:
+    """The hosted tool types a client marked optional: a comma-separated header value, `*` for all."""
+    return frozenset(part.strip() for part in (header or "").split(",") if part.strip())
+
+
+def parse_responses_request(body: Any, optional: frozenset[str] = frozenset()) -> ResponsesRequest:
     req = parse_request(ResponsesRequest, body)
     _refuse_state(req)
+    _check_tools(req, optional)
     return req

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from cortex.gateway.bodies import read_json
 from cortex.gateway.dialects.responses.reply import to_response
-from cortex.gateway.dialects.responses.request import parse_responses_request
+from cortex.gateway.dialects.responses.request import OPTIONAL_TOOLS_HEADER, optional_tools, parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
 from cortex.gateway.dialects.responses.to_chat import to_chat_request as chat_body
 from cortex.gateway.dialects.translated_stream import answer_translated
@@ -28,7 +28,8 @@ class ResponsesRoutes:
 
     @endpoint(dialect=Dialect.OPENAI)
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        req = parse_responses_request((await read_json(request))[0])
+        optional = optional_tools(request.headers.get(OPTIONAL_TOOLS_HEADER))
+        req = parse_responses_request((await read_json(request))[0], optional)
         stream = ResponsesStream(req) if req.stream else None
         render = lambda reply: to_response(reply, req)  # noqa: E731
         return await answer_translated(request, self.relay, RESPONSES, req.model, chat_body(req), stream, render)

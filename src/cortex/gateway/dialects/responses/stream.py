@@ -11,6 +11,8 @@ from cortex.core.sse import SseEvent
 from cortex.gateway.dialects.chunk_translator import ChunkTranslator
 from cortex.gateway.dialects.responses.reply import (
     _status,
+    client_name,
+    custom_tool_call_item,
     function_call_item,
     message_item,
     output_text_part,
@@ -26,7 +28,7 @@ from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
 
 
 class _OpenItem:
-    """The output item being streamed: a message, a reasoning item or a function call."""
+    """The output item being streamed: a message, a reasoning item, a function or a custom tool call."""
 
     def __init__(self, kind: str, item_id: str, output_index: int) -> None:
         self.kind = kind
@@ -34,7 +36,7 @@ class _OpenItem:
         self.output_index = output_index
         self.text: list[str] = []
         self.call_id = ""
-        self.name = ""
+        self.name = ""  # as the model wrote it (flat); mapped back to the client's name when sent
 
 
 class ResponsesStream(ChunkTranslator):
@@ -45,7 +47,8 @@ class ResponsesStream(ChunkTranslator):
     `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
     `response.content_part.done`, `response.output_item.done`; per function call
     `response.output_item.added`, `response.function_call_arguments.delta`..., `.done`,
-    `response.output_item.done`; and last `response.completed` (or `response.incomplete` when the
+    `response.output_item.done`; per custom tool call the same with `response.custom_tool_call_input.delta`
+    and `.done`; and last `response.completed` (or `response.incomplete` when the
     output hit `max_output_tokens`). Reasoning streams as a `reasoning` item with
     `response.reasoning_text.delta` events.
     """
@@ -153,33 +156,38 @@ class ResponsesStream(ChunkTranslator):
     def _tool_fragment(self, fragment: dict[str, Any]) -> list[SseEvent]:
         events: list[SseEvent] = []
         index = fragment.get("index", len(self._tool_items))
-        function = fragment.get("function") or {}
+        custom = fragment.get("type") == "custom" or "custom" in fragment
+        body = fragment.get("custom" if custom else "function") or {}
         item = self._tool_items.get(index)
         if item is None:
             events.extend(self._close_open())
-            item = self._open_item("function_call", _new_id("fc"))
+            kind = "custom_tool_call" if custom else "function_call"
+            item = self._open_item(kind, _new_id("ctc" if custom else "fc"))
             item.call_id = fragment.get("id") or _new_id("call")
-            item.name = function.get("name") or ""
+            item.name = body.get("name") or ""
             self._tool_items[index] = item
-            added = function_call_item(item.item_id, item.call_id, item.name, "", "in_progress")
-            events.append(self._event("response.output_item.added", output_index=item.output_index, item=added))
+            events.append(
+                self._event("response.output_item.added", output_index=item.output_index, item=self._call(item))
+            )
         elif item is not self._open:
-            if function.get("arguments"):
+            if body.get("arguments") or body.get("input"):
                 raise ApiError(502, "The model's server interleaved the arguments of several tool calls")
             return events
-        item.name = item.name or function.get("name") or ""
-        arguments = function.get("arguments")
-        if arguments:
-            item.text.append(arguments)
-            events.append(
-                self._event(
-                    "response.function_call_arguments.delta",
-                    item_id=item.item_id,
-                    output_index=item.output_index,
-                    delta=arguments,
-                )
-            )
+        item.name = item.name or body.get("name") or ""
+        text = body.get("input" if custom else "arguments")
+        if text:
+            item.text.append(text)
+            name = "response.custom_tool_call_input.delta" if custom else "response.function_call_arguments.delta"
+            events.append(self._event(name, item_id=item.item_id, output_index=item.output_index, delta=text))
         return events
+
+    def _call(self, item: _OpenItem, status: str = "in_progress") -> dict[str, Any]:
+        """The call's output item: the text so far when done (empty while in progress), the client's names."""
+        namespace, name = client_name(self.req, item.name)
+        text = "".join(item.text) if status == "completed" else ""
+        if item.kind == "custom_tool_call":
+            return custom_tool_call_item(item.item_id, item.call_id, name, text, namespace)
+        return function_call_item(item.item_id, item.call_id, name, text, status, namespace)
 
     # -- items -------------------------------------------------------------------------------
 
@@ -194,13 +202,23 @@ class ResponsesStream(ChunkTranslator):
         self._open = None
         text = "".join(item.text)
         if item.kind == "function_call":
-            done = function_call_item(item.item_id, item.call_id, item.name, text)
+            done = self._call(item, "completed")
             events = [
                 self._event(
                     "response.function_call_arguments.done",
                     item_id=item.item_id,
                     output_index=item.output_index,
                     arguments=text,
+                )
+            ]
+        elif item.kind == "custom_tool_call":
+            done = self._call(item, "completed")
+            events = [
+                self._event(
+                    "response.custom_tool_call_input.done",
+                    item_id=item.item_id,
+                    output_index=item.output_index,
+                    input=text,
                 )
             ]
         elif item.kind == "message":

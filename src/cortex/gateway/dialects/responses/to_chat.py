@@ -1,8 +1,9 @@
 """OpenAI Responses request -> OpenAI chat body.
 
 Stateless: every request carries its whole conversation in `input`. `instructions` becomes the
-first system message, verbatim. Function tools change shape (flat in Responses, nested in Chat);
-function calls and their outputs map onto assistant `tool_calls` and `tool` messages, matched by
+first system message, verbatim. Function and custom tools change shape (flat in Responses, nested
+in Chat); a namespace's tools are listed one by one under flat names (`flat_tool_name`). Function
+and custom calls and their outputs map onto assistant `tool_calls` and `tool` messages, matched by
 `call_id`.
 """
 
@@ -14,16 +15,20 @@ from typing import Any
 from cortex.core.errors import bad_request
 from cortex.core.openai import function_tool
 from cortex.gateway.dialects.responses.request import (
+    ClientTool,
     ContentPart,
+    CustomTool,
+    CustomToolCallItem,
+    CustomToolCallOutputItem,
     FunctionCallItem,
     FunctionCallOutputItem,
-    FunctionTool,
     InputImage,
     MessageItem,
     ReasoningItem,
     Refusal,
     ResponsesRequest,
     TextFormat,
+    flat_tool_name,
 )
 
 ChatMessage = dict[str, Any]
@@ -40,11 +45,11 @@ def new_response_id() -> str:
 
 def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"model": req.model, "messages": to_chat_messages(req)}
-    tools = [to_chat_tool(t) for t in req.function_tools()]
+    tools = [to_chat_tool(t, ns) for ns, t in req.client_tools()]
     if tools:
         body["tools"] = tools
         if req.tool_choice is not None:
-            body["tool_choice"] = to_chat_tool_choice(req.tool_choice)
+            body["tool_choice"] = to_chat_tool_choice(req.tool_choice, req)
         if req.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = req.parallel_tool_calls
     if req.max_output_tokens is not None:
@@ -64,18 +69,34 @@ def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     return body
 
 
-def to_chat_tool(tool: FunctionTool) -> dict[str, Any]:
-    return function_tool(tool.name, tool.parameters, tool.description, tool.strict)
+def to_chat_tool(tool: ClientTool, namespace: str | None = None) -> dict[str, Any]:
+    """A function tool in Chat's nested shape, or a custom tool as the neuron's chat API takes it
+    (`{"type": "custom", "custom": {name, description, format}}`, a grammar nested as Chat nests it)."""
+    name = flat_tool_name(namespace, tool.name)
+    if not isinstance(tool, CustomTool):
+        return function_tool(name, tool.parameters, tool.description, tool.strict)
+    custom: dict[str, Any] = {"name": name}
+    if tool.description is not None:
+        custom["description"] = tool.description
+    fmt = tool.format
+    if fmt is not None and fmt.type == "grammar":
+        custom["format"] = {"type": "grammar", "grammar": {"syntax": fmt.syntax, "definition": fmt.definition}}
+    else:
+        custom["format"] = {"type": "text"}
+    return {"type": "custom", "custom": custom}
 
 
-def to_chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+def to_chat_tool_choice(choice: str | dict[str, Any], req: ResponsesRequest | None = None) -> str | dict[str, Any]:
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
             raise bad_request(f"tool_choice {choice!r} is not one of 'auto', 'none', 'required'", param="tool_choice")
         return choice
     kind = choice.get("type")
-    if kind == "function" and choice.get("name"):
-        return {"type": "function", "function": {"name": choice["name"]}}
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str) and choice["name"]:
+        name = flat_tool_name(choice.get("namespace"), choice["name"])
+        if req is not None and name not in req.tool_names():
+            raise bad_request(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
+        return {"type": kind, kind: {"name": name}}
     if kind == "allowed_tools":
         # The neuron cannot restrict to a subset; the mode is what it can honour.
         return "required" if choice.get("mode") == "required" else "auto"
@@ -106,9 +127,9 @@ def to_chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
     for item in req.input:
         if isinstance(item, ReasoningItem):
             reasoning.append(item.text())
-        elif isinstance(item, FunctionCallItem):
+        elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             _append_call(messages, item, reasoning)
-        elif isinstance(item, FunctionCallOutputItem):
+        elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _tool_output(item.output)})
         elif isinstance(item, MessageItem):
             messages.append(_message(item, reasoning))
@@ -122,9 +143,15 @@ def _message(item: MessageItem, reasoning: list[str]) -> ChatMessage:
     return message
 
 
-def _append_call(messages: list[ChatMessage], item: FunctionCallItem, reasoning: list[str]) -> None:
-    """Consecutive function calls (and the assistant text just before them) are one Chat turn."""
-    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+def _append_call(
+    messages: list[ChatMessage], item: FunctionCallItem | CustomToolCallItem, reasoning: list[str]
+) -> None:
+    """Consecutive tool calls (and the assistant text just before them) are one Chat turn."""
+    name = flat_tool_name(item.namespace, item.name)
+    if isinstance(item, CustomToolCallItem):
+        call: dict[str, Any] = {"id": item.call_id, "type": "custom", "custom": {"name": name, "input": item.input}}
+    else:
+        call = {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}}
     last = messages[-1] if messages else None
     if last is None or last["role"] != "assistant":
         last = {"role": "assistant", "content": None}
@@ -161,7 +188,7 @@ def _content(content: str | list[ContentPart]) -> str | list[Part]:
 def _tool_output(output: str | list[ContentPart]) -> str | list[Part]:
     content = _content(output)
     if isinstance(content, list) and any(p["type"] != "text" for p in content):
-        raise bad_request("function_call_output may hold text only", param="input")
+        raise bad_request("a tool call's output may hold text only", param="input")
     return content
 
 

@@ -38,6 +38,12 @@ class CliError(Exception):
     """A failure to show the operator as one line, then exit non-zero."""
 
 
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `message` as one error line; the exit to raise (`raise fail(...) from None`: no traceback)."""
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
 class GatewayClient:
     """JSON over HTTP to a running gateway (stdlib only: the CLI needs no event loop)."""
 

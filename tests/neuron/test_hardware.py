@@ -13,18 +13,17 @@ from typing import Any
 import pytest
 
 from cortex.neuron.config import DevicesConfig
-from cortex.neuron.hardware import (
+from cortex.neuron.cuda_devices import (
     CudaView,
     Device,
-    Hardware,
     HardwareError,
-    Nvml,
-    NvmlDevice,
     match_cuda_devices,
     normalise_uuid,
     resolve_visible,
     torch_cuda_view,
 )
+from cortex.neuron.hardware import Hardware
+from cortex.neuron.nvml import Nvml, NvmlDevice
 
 A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
 B = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
@@ -62,7 +61,7 @@ class Memory:
 
 
 class FakePynvml:
-    """The pynvml calls hardware.py makes, over GPUs listed in PCI (NVML) order."""
+    """The pynvml calls nvml.py makes, over GPUs listed in PCI (NVML) order."""
 
     NVMLError = FakeNVMLError
     NVML_DEVICE_MIG_ENABLE = 1

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cortex.neuron.config import DevicesConfig, ModelConfig, NeuronConfig
+from cortex.neuron.cuda_devices import Device
 from cortex.neuron.engine import Engine
 from cortex.neuron.engine.types import LoadError, LoadSpec, ModelSource
 from cortex.neuron.engine.worker import DeviceUnavailable, DeviceWorker, WorkerClosed
-from cortex.neuron.hardware import Device, Hardware
+from cortex.neuron.hardware import Hardware
 from cortex.neuron.lifecycle import Lifecycle
 
 needs_cpu_torch = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use cuda:0")

@@ -50,7 +50,7 @@ def serve(
     for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         os.environ.setdefault(key, "1")
     _configure_threads(cfg)
-    from cortex.neuron.hardware import HardwareError
+    from cortex.neuron.cuda_devices import HardwareError
     from cortex.neuron.server import run  # torch is imported only once the config is known good
 
     try:

@@ -131,7 +131,7 @@ def _cpu_budget(neuron_config: Path | None) -> tuple[float, int | None]:
 
 def _gpu_count() -> int:
     try:
-        from cortex.neuron.hardware import Nvml
+        from cortex.neuron.nvml import Nvml
 
         return Nvml().device_count()
     except Exception:  # no NVML, no driver: a CPU host

@@ -27,9 +27,10 @@ from cortex.core.neuron_api import (
 )
 from cortex.neuron.admission import Admission
 from cortex.neuron.config import ModelConfig, NeuronConfig
+from cortex.neuron.cuda_devices import Device
 from cortex.neuron.engine import Engine, LoadedModel
 from cortex.neuron.engine.types import LoadError, LoadSpec
-from cortex.neuron.hardware import Device, Hardware
+from cortex.neuron.hardware import Hardware
 from cortex.neuron.sources import resolve_source
 
 log = logging.getLogger("cortex.neuron.lifecycle")
@@ -166,6 +167,7 @@ class Lifecycle:
             device=device.torch_name,
             context_length=model.context_length,
             cache_dir=self.config.cache_dir,
+            gguf_cache_dir=self.config.gguf_cache_dir(),
             allow_pickle=self.config.allow_pickle,
         )
 

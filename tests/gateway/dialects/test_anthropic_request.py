@@ -10,6 +10,7 @@ from cortex.core.errors import ApiError
 from cortex.core.openai import ChatCompletionRequest
 from cortex.gateway.dialects.anthropic.request import parse_count_tokens_request, parse_messages_request
 from cortex.gateway.dialects.anthropic.to_chat import to_chat_request
+from cortex.gateway.dialects.optional_tools import optional_tools
 from tests.support.claude_code import SYSTEM_BLOCKS, TOOL_NAMES, claude_code_request
 
 
@@ -18,6 +19,13 @@ def translate(**fields: Any) -> dict[str, Any]:
     chat = to_chat_request(parse_messages_request(body))
     ChatCompletionRequest.model_validate(chat)  # what we send must be what the neuron accepts
     return chat
+
+
+WEATHER = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], **fields}
 
 
 def rejected(body: dict[str, Any]) -> ApiError:
@@ -235,10 +243,58 @@ def test_tools_and_every_tool_choice() -> None:
     assert serial["parallel_tool_calls"] is False
 
 
-def test_server_tools_are_skipped_and_tool_choice_needs_tools() -> None:
-    server_tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
-    chat = translate(tools=server_tools, tool_choice={"type": "any"})
-    assert "tools" not in chat and "tool_choice" not in chat
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+        {"type": "web_fetch_20250910", "name": "web_fetch"},
+        {"type": "code_execution_20250825", "name": "code_execution"},
+        {"type": "computer_20250124", "name": "computer", "display_width_px": 1024, "display_height_px": 768},
+        {"type": "mcp_toolset", "mcp_server_name": "x"},
+    ],
+)
+def test_vendor_run_tools_are_refused_by_name(tool: dict[str, Any]) -> None:
+    with pytest.raises(ApiError) as caught:
+        to_chat_request(parse_messages_request(request(tools=[WEATHER, tool])))
+    error = caught.value
+    assert error.status == 400 and error.param == "tools.1.type" and repr(tool["type"]) in error.message
+    assert error.anthropic_body()["error"]["type"] == "invalid_request_error"
+
+
+def test_optional_vendor_tools_are_dropped_and_tool_choice_needs_tools() -> None:
+    server_tools = [{"type": "web_search_20250305", "name": "web_search"}, {"type": "web_fetch_20250910"}]
+    for optional in ("web_search, web_fetch_20250910", "*"):
+        req = parse_messages_request(request(tools=server_tools, tool_choice={"type": "any"}), optional_tools(optional))
+        chat = to_chat_request(req)
+        assert "tools" not in chat and "tool_choice" not in chat
+
+
+def test_mcp_connector_is_refused_unless_optional() -> None:
+    servers = [{"type": "url", "url": "https://mcp.example/sse", "name": "x"}]
+    with pytest.raises(ApiError, match="mcp_servers"):
+        parse_messages_request(request(mcp_servers=servers))
+    assert "tools" not in to_chat_request(parse_messages_request(request(mcp_servers=servers), optional_tools("*")))
+
+
+def test_custom_tool_needs_input_schema() -> None:
+    with pytest.raises(ApiError, match=r"tools\.0\.input_schema"):
+        parse_messages_request(request(tools=[{"name": "bare"}]))
+
+
+def test_client_run_anthropic_tools_get_their_documented_schemas() -> None:
+    tools = [
+        {"type": "bash_20250124", "name": "bash"},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool", "max_characters": 10000},
+        {"type": "memory_20250818", "name": "memory"},
+    ]
+    chat = translate(tools=tools, tool_choice={"type": "tool", "name": "bash"})
+    functions = [t["function"] for t in chat["tools"]]
+    assert [f["name"] for f in functions] == ["bash", "str_replace_based_edit_tool", "memory"]
+    assert set(functions[0]["parameters"]["properties"]) == {"command", "restart"}
+    assert functions[1]["parameters"]["required"] == ["command", "path"]
+    assert "rename" in functions[2]["parameters"]["properties"]["command"]["enum"]
+    assert all(f["description"] for f in functions)
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "bash"}}
 
 
 def test_sampling_fields() -> None:

@@ -121,8 +121,6 @@ def conversation(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 @st.composite
 def tool_definition(draw: st.DrawFn) -> dict[str, Any]:
-    if draw(st.integers(0, 5)) == 0:
-        return {"type": "web_search_20250305", "name": "web_search"}
     tool: dict[str, Any] = {"name": draw(ident), "input_schema": {"type": "object", "properties": {}}}
     if draw(st.booleans()):
         tool["description"] = draw(text)

@@ -8,8 +8,9 @@ import pytest
 
 from cortex.core.errors import ApiError
 from cortex.core.openai import ChatCompletionRequest
+from cortex.gateway.dialects.optional_tools import optional_tools
 from cortex.gateway.dialects.responses.reply import to_response
-from cortex.gateway.dialects.responses.request import optional_tools, parse_responses_request
+from cortex.gateway.dialects.responses.request import parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
 from cortex.gateway.dialects.responses.to_chat import to_chat_request
 from tests.support.dialect_schemas import assert_response, assert_responses_event

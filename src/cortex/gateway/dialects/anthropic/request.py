@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cortex.core.errors import bad_request
 from cortex.core.validation import parse_request, validation_message
+from cortex.gateway.dialects.anthropic.client_tools import client_tool_schema, refuse_or_drop
+from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, is_optional
 
 
 class _Lenient(BaseModel):
@@ -119,10 +122,11 @@ class InputMessage(_Lenient):
 
 
 class ToolDefinition(_Lenient):
-    """A custom tool has `input_schema`; Anthropic's versioned server/client tools (`web_search_…`,
-    `bash_…`) have a `type` and no schema a local model could be given, so they are skipped."""
+    """A custom tool has `input_schema`; Anthropic's versioned tools have a `type` instead: those the
+    client runs (`bash_…`, `text_editor_…`, `memory_…`) get their documented schema, the others are
+    refused unless marked optional (`client_tools.py`)."""
 
-    name: str
+    name: str | None = None  # required of every tool that reaches the model (`mcp_toolset` has none)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
@@ -130,6 +134,10 @@ class ToolDefinition(_Lenient):
 
     def is_custom(self) -> bool:
         return self.input_schema is not None and self.type in (None, "custom")
+
+    def client_schema(self) -> tuple[dict[str, Any], str] | None:
+        """(input schema, default description) of an Anthropic-defined tool the client runs."""
+        return client_tool_schema(self.type) if self.type not in (None, "custom") else None
 
 
 class ToolChoice(_Lenient):
@@ -165,6 +173,7 @@ class CountTokensRequest(_Lenient):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    mcp_servers: list[Any] | None = None  # Anthropic's MCP connector: tools its servers call
 
     def wants_thinking(self) -> bool:
         return self.thinking is not None and self.thinking.wants_thinking()
@@ -195,13 +204,39 @@ class MessagesRequest(CountTokensRequest):
     metadata: Metadata | None = None
 
 
-# Union branch labels pydantic puts in error locations: `str`, `list[...]`, `function-after[...]`, `TextBlock`.
-def parse_messages_request(body: Any) -> MessagesRequest:
-    return parse_request(MessagesRequest, body)
+def _check_tools(req: CountTokensRequest, optional: frozenset[str]) -> None:
+    """Every tool reaches the model or is refused by name; optional vendor-run tools are dropped."""
+    if req.mcp_servers and not is_optional("mcp_servers", optional):
+        raise bad_request(
+            "mcp_servers: Anthropic's MCP connector runs on Anthropic's servers and is not available here; connect "
+            f"the MCP servers in the client, or list mcp_servers in the {OPTIONAL_TOOLS_HEADER} header to drop them",
+            param="mcp_servers",
+        )
+    kept: list[ToolDefinition] = []
+    for index, tool in enumerate(req.tools or []):
+        if tool.type in (None, "custom"):
+            if tool.input_schema is None:
+                raise bad_request(f"tools.{index}.input_schema: Field required", param=f"tools.{index}.input_schema")
+        elif tool.client_schema() is None:
+            refuse_or_drop(index, tool.type, optional)
+            continue
+        if not tool.name:
+            raise bad_request(f"tools.{index}.name: Field required", param=f"tools.{index}.name")
+        kept.append(tool)
+    if req.tools is not None:
+        req.tools = kept
 
 
-def parse_count_tokens_request(body: Any) -> CountTokensRequest:
-    return parse_request(CountTokensRequest, body)
+def parse_messages_request(body: Any, optional: frozenset[str] = frozenset()) -> MessagesRequest:
+    req = parse_request(MessagesRequest, body)
+    _check_tools(req, optional)
+    return req
+
+
+def parse_count_tokens_request(body: Any, optional: frozenset[str] = frozenset()) -> CountTokensRequest:
+    req = parse_request(CountTokensRequest, body)
+    _check_tools(req, optional)
+    return req
 
 
 __all__ = [

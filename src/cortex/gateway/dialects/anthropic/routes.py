@@ -17,6 +17,7 @@ from cortex.gateway.dialects.anthropic.reply import to_anthropic_message
 from cortex.gateway.dialects.anthropic.request import parse_count_tokens_request, parse_messages_request
 from cortex.gateway.dialects.anthropic.stream import AnthropicStream
 from cortex.gateway.dialects.anthropic.to_chat import to_chat_request as chat_body
+from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, optional_tools
 from cortex.gateway.dialects.translated_stream import answer_translated
 from cortex.gateway.pipeline import Dialect, endpoint
 from cortex.gateway.relay import Relay
@@ -32,7 +33,8 @@ class AnthropicRoutes:
 
     @endpoint(dialect=Dialect.ANTHROPIC)
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        req = parse_messages_request((await read_json(request))[0])
+        optional = optional_tools(request.headers.get(OPTIONAL_TOOLS_HEADER))
+        req = parse_messages_request((await read_json(request))[0], optional)
         thinking = req.wants_thinking()
         stream = AnthropicStream(req.model, thinking=thinking) if req.stream else None
         return await answer_translated(
@@ -49,7 +51,7 @@ class AnthropicRoutes:
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         """Counted by the neuron with the model's own tokenizer and chat template (tools included)."""
         payload, _ = await read_json(request)
-        req = parse_count_tokens_request(payload)
+        req = parse_count_tokens_request(payload, optional_tools(request.headers.get(OPTIONAL_TOOLS_HEADER)))
         counted = (await self.relay.fetch(COUNT_TOKENS, req.model, TOKENIZE_PATH, chat_body(req))).json()
         if not isinstance(counted, dict) or not isinstance(counted.get("prompt_tokens"), int):
             raise ApiError(502, "the model's server did not return a token count", code="bad_upstream_reply")

@@ -78,7 +78,7 @@ def _add_sampling(body: dict[str, Any], req: MessagesRequest) -> None:
 
 
 def _add_tools(body: dict[str, Any], tools: list[ToolDefinition] | None, choice: ToolChoice | None) -> None:
-    chat_tools = [to_chat_tool(t) for t in tools or [] if t.is_custom()]
+    chat_tools = [to_chat_tool(t) for t in tools or []]  # parsing kept only tools the model can be given
     if not chat_tools:
         # OpenAI rejects tool_choice without tools; with no tools there is nothing to choose.
         return
@@ -90,6 +90,11 @@ def _add_tools(body: dict[str, Any], tools: list[ToolDefinition] | None, choice:
 
 
 def to_chat_tool(tool: ToolDefinition) -> dict[str, Any]:
+    """A custom tool with its schema; an Anthropic-defined client tool (`bash_…`) with its documented one."""
+    documented = tool.client_schema()
+    if documented is not None:
+        schema, description = documented
+        return function_tool(tool.name, schema, tool.description or description)
     return function_tool(tool.name, tool.input_schema, tool.description, tool.strict)
 
 

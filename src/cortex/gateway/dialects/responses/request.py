@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from cortex.core.errors import bad_request
 from cortex.core.validation import parse_request
+from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, is_optional
 
 
 class _Lenient(BaseModel):
@@ -189,7 +190,7 @@ class NamespaceTool(_Lenient):
 
 class HostedTool(_Lenient):
     """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, ...).
-    Refused (400 naming it) unless the client lists it as optional (`OPTIONAL_TOOLS_HEADER`)."""
+    Refused (400 naming it) unless the client marked it optional (`optional_tools.py`)."""
 
     type: str
 
@@ -282,15 +283,12 @@ def _refuse_state(req: ResponsesRequest) -> None:
         raise bad_request("background responses are not supported; stream instead", param="background")
 
 
-OPTIONAL_TOOLS_HEADER = "X-Cortex-Optional-Tools"
-
-
 def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
     """Hosted tools are refused by name unless optional (then dropped); flat names must be unique."""
     kept: list[Any] = []
     for index, tool in enumerate(req.tools or []):
         if isinstance(tool, HostedTool):
-            if tool.type in optional or "*" in optional:
+            if is_optional(tool.type, optional):
                 continue
             raise bad_request(
                 f"tools[{index}]: the hosted tool {tool.type!r} runs on OpenAI's servers and is not available here "
@@ -308,11 +306,6 @@ def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
                 f"two tools are called {flat!r} (namespaced tools are named <namespace>__<name>)", "tools"
             )
         seen.add(flat)
-
-
-def optional_tools(header: str | None) -> frozenset[str]:
-    """The hosted tool types a client marked optional: a comma-separated header value, `*` for all."""
-    return frozenset(part.strip() for part in (header or "").split(",") if part.strip())
 
 
 def parse_responses_request(body: Any, optional: frozenset[str] = frozenset()) -> ResponsesRequest:

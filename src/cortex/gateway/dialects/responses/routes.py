@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from cortex.gateway.bodies import read_json
+from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, optional_tools
 from cortex.gateway.dialects.responses.reply import to_response
-from cortex.gateway.dialects.responses.request import OPTIONAL_TOOLS_HEADER, optional_tools, parse_responses_request
+from cortex.gateway.dialects.responses.request import parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
 from cortex.gateway.dialects.responses.to_chat import to_chat_request as chat_body
 from cortex.gateway.dialects.translated_stream import answer_translated

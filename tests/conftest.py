@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.models import build_tiny_model, smollm_gguf
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The neurons tests start share one GGUF cache, new each session: the first load of the default model
+    converts it, later ones read it, and the developer's own ~/.cache is left alone."""
+    path = tmp_path_factory.mktemp("gguf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEURON_GGUF_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

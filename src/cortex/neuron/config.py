@@ -6,6 +6,7 @@ tables: `NEURON_LISTEN=0.0.0.0:13131`, `NEURON_ADMISSION__MAX_IN_FLIGHT=8`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +96,10 @@ class NeuronConfig(_Strict):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     cache_dir: Path | None = None  # Hugging Face cache; default: HF_HUB_CACHE / ~/.cache/huggingface
+    # GGUF models are dequantized once and kept here as safetensors (several times the GGUF's size), so
+    # later loads take seconds: "auto" is $XDG_CACHE_HOME/cortex/gguf (~/.cache/cortex/gguf), "off" converts
+    # at every load, anything else is a directory.
+    gguf_cache: str = "auto"
     # Local sources must resolve under one of these roots (besides installed model packages).
     model_roots: list[Path] = Field(default_factory=list)
     allow_pickle: bool = False  # allow .bin/.pt checkpoints (runs pickle: only for trusted files)
@@ -103,6 +108,7 @@ class NeuronConfig(_Strict):
     token: str | None = None
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM: how long in-flight requests may finish
+    stream_keepalive_s: float = Field(default=5.0, gt=0)  # a stream's SSE comments until its first output
     fault_injection: bool = False  # enables POST /admin/fault (tests only)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -116,6 +122,13 @@ class NeuronConfig(_Strict):
     def _listen_host_port(cls, v: str) -> str:
         parse_listen(v)
         return v
+
+    def gguf_cache_dir(self) -> Path | None:
+        if self.gguf_cache == "off":
+            return None
+        if self.gguf_cache == "auto":
+            return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cortex" / "gguf"
+        return Path(self.gguf_cache).expanduser()
 
     def models_to_load(self) -> list[ModelConfig]:
         if self.default_models is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import gguf_cache
 from .memory import cuda_allocated, is_cuda, module_bytes
 from .tools import tool_call_mode
 from .types import LoadError, LoadSpec, ModelInfo
@@ -144,12 +145,19 @@ def pick_dtype(requested: str | None, device: str) -> torch.dtype:
 
 def _load_resolved(spec: LoadSpec, files: ResolvedFiles, progress: Progress) -> LoadedWeights:
     dtype = pick_dtype(spec.dtype, spec.device)
+    gguf = files.directory / files.gguf_file if files.gguf_file else None
+    converted = gguf_cache.lookup(spec.gguf_cache_dir, gguf, dtype) if gguf and spec.gguf_cache_dir else None
+    if converted is not None:  # this GGUF was dequantized before: read that instead (gguf_cache.py)
+        files = ResolvedFiles(converted, None)
     config = _causal_lm_config(files)
     progress(0.2, "reading tokenizer")
     tokenizer = _load_tokenizer(files)
-    progress(0.3, "reading weights")
+    progress(0.3, "reading converted weights" if converted else "reading weights")
     baseline = cuda_allocated(spec.device) if is_cuda(spec.device) else 0
     module = _load_module(files, dtype, spec.device)
+    if gguf is not None and converted is None and spec.gguf_cache_dir is not None:
+        progress(0.8, "saving converted weights")
+        gguf_cache.store(spec.gguf_cache_dir, gguf, dtype, module, tokenizer)
     progress(0.85, "moving to device")
     module = module.to(spec.device).eval()
     memory = cuda_allocated(spec.device) - baseline if is_cuda(spec.device) else module_bytes(module)

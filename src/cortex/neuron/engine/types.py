@@ -46,6 +46,7 @@ class LoadSpec:
     device: str = "cpu"  # "cpu" or "cuda:N"
     context_length: int | None = None  # cap on the model's own limit
     cache_dir: Path | None = None
+    gguf_cache_dir: Path | None = None  # where converted GGUFs are kept (gguf_cache.py); None: convert every load
     allow_pickle: bool = False  # .bin/.pt checkpoints only when the neuron's own config allows it
 
 

@@ -394,3 +394,30 @@ def test_a_failed_matcher_allows_only_the_end(compiler: GrammarCompiler, tokeniz
     logits = torch.randn(1, len(tokenizer))
     TokenMask("cpu").apply(logits, [(0, matcher)])
     assert torch.isfinite(logits).any(), "never an all-masked row"
+
+
+@pytest.mark.parametrize(
+    ("constraint", "json_object", "off_loop"), [(None, False, False), (None, True, True), ("g", False, True)]
+)
+async def test_validation_with_a_grammar_runs_off_the_event_loop(
+    constraint: Any, json_object: bool, off_loop: bool
+) -> None:
+    """A cold compile must not stall the loop; a request without a grammar skips the thread hop."""
+    import threading
+
+    from cortex.neuron.engine.types import GenerationRequest, SamplingParams
+
+    seen: list[threading.Thread] = []
+
+    def validate(request: GenerationRequest) -> int:
+        seen.append(threading.current_thread())
+        if request.constraint == "bad":
+            raise EngineError("Lark grammar does not compile")
+        return 7
+
+    sampling = SamplingParams(max_new_tokens=4, json_object=json_object)
+    request = GenerationRequest("r", [1, 2], sampling, constraint=constraint)
+    assert await grammar.validate_off_loop(validate, request) == 7
+    assert (seen[0] is not threading.main_thread()) is off_loop
+    with pytest.raises(EngineError, match="does not compile"):  # the caller's 400, unchanged
+        await grammar.validate_off_loop(validate, GenerationRequest("r", [1], sampling, constraint="bad"))

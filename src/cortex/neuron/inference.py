@@ -24,6 +24,7 @@ from aiohttp import web
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event
 from cortex.core.sse import DONE, SSE_HEADERS, encode_data
+from cortex.neuron.engine.grammar import validate_off_loop
 from cortex.neuron.engine.logprobs import TokenLogprob
 from cortex.neuron.engine.types import (
     DeviceFault,
@@ -47,7 +48,8 @@ class Inference:
 
     async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
         async with _fault_guard(self.lifecycle, job):
-            job.budget = job.model.validate(job.generation)  # once: the engine does not check it again
+            # Once: the engine does not check it again. A grammar compiles on a thread, off this loop.
+            job.budget = await validate_off_loop(job.model.validate, job.generation)
         async with job.slot.admission.slot():
             job.slot.last_used = time.time()
             if job.stream:

@@ -218,3 +218,17 @@ def test_responses_custom_tool_call_streams(real_fleet: RealFleet) -> None:
     assert final.type == "response.completed"
     (call,) = [item for item in final.response.output if item.type == "custom_tool_call"]
     assert (call.name, call.namespace) == ("pick", "multi_agent_v1") and call.input in ("red", "green", "blue")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_custom_grammar_is_a_400_in_openais_envelope(real_fleet: RealFleet, stream: bool) -> None:
+    """The grammar compiles off the neuron's event loop, and its error still reaches the client as a 400."""
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    bad: Any = {
+        "type": "custom",
+        "name": "p",
+        "format": {"type": "grammar", "syntax": "lark", "definition": "start: x"},
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="x", tools=[bad], tool_choice="required", stream=stream)
+    assert "does not compile" in caught.value.message, caught.value.message

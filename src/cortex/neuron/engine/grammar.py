@@ -9,9 +9,11 @@ The pieces, in the order a request meets them:
 - `Grammar` (pure, no tokenizer): what to enforce, as llguidance grammar text. Built by `json_object`,
   `json_schema`, `lark`, `regex` and `tool_calls`.
 - `GrammarCompiler` (one per tokenizer): `compile(grammar)` checks and compiles it against the model's
-  vocabulary while the request is prepared, raising `EngineError` (a 400) for a schema or grammar that
+  vocabulary while the request is validated, raising `EngineError` (a 400) for a schema or grammar that
   does not compile, so a bad grammar never reaches the device. Compiled grammars are kept in an LRU:
-  agents resend the same schema with every turn.
+  agents resend the same schema with every turn. The neuron validates a constrained request on a
+  thread (`validate_off_loop`): a cold compile takes milliseconds to seconds (the tokenizer's compiler,
+  ~2 s, may still be warming up), which the event loop must not wait for.
 - `GrammarMatcher` (one per sequence): `CompiledGrammar.matcher()` copies the pristine compiled state.
   After each step the scheduler feeds it the sampled token (`advance`).
 - `TokenMask` (one per scheduler): in the batched step, `apply(logits, rows)` fills one bitmask row per
@@ -24,19 +26,20 @@ a constrained sequence always ends cleanly: never an all-masked row, never a dev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
-from .types import EngineError
+from .types import EngineError, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +337,22 @@ def compiler_for(tokenizer: Any, eos_ids: Iterable[int] = (), vocab_size: int | 
                 compiler = GrammarCompiler(tokenizer, eos_ids, vocab_size)
                 _COMPILERS[tokenizer] = compiler
     return compiler
+
+
+R = TypeVar("R")
+
+
+async def validate_off_loop(validate: Callable[[GenerationRequest], R], request: GenerationRequest) -> R:
+    """`validate(request)`, on a thread when it has a grammar to compile, else inline.
+
+    Compiling is CPU work outside the GIL-free parts (the tokenizer's compiler, built once, and a cold
+    grammar, cached after); on the loop it would stall every other request's stream. An unconstrained
+    request does not pay for the thread hop. Errors (`EngineError` for a grammar that does not
+    compile) come back unchanged, so the caller answers them as before.
+    """
+    if request.constraint is None and not request.sampling.json_object:
+        return validate(request)
+    return await asyncio.to_thread(validate, request)
 
 
 def warm_up(tokenizer: Any, eos_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:

@@ -6,14 +6,13 @@ Only the report's structure and counts are checked: its figures are measurements
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import cortex
 from tests.support.gateway_procs import RealFleet, run_single_model_fleet
 
 MODEL = "tiny-bench"
@@ -27,9 +26,7 @@ def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def bench(fleet: RealFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "bench", "--url", fleet.gateway.url, "--model", MODEL]
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env)
+    return cortex("bench", "--url", fleet.gateway.url, "--model", MODEL, *args, timeout=300)
 
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
@@ -60,10 +57,7 @@ def test_bench_agent_conversations_with_poisson_arrivals_and_a_table(fleet: Real
 
 
 def test_bench_counts_errors_by_kind(fleet: RealFleet) -> None:
-    cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "bench", "--url", fleet.gateway.url]
-    done = subprocess.run(
-        [*cmd, "--model", "no-such-model", "--requests", "2", "--json", "-"], capture_output=True, text=True, timeout=60
-    )
+    done = cortex("bench", "--url", fleet.gateway.url, "--model", "no-such-model", "--requests", "2", "--json", "-")
     assert done.returncode == 1  # nothing succeeded
     report = json.loads(done.stdout)
     assert report["requests"] == {"sent": 2, "ok": 0, "failed": 2}

@@ -17,13 +17,8 @@ from pathlib import Path
 import pytest
 
 import cortex
+from tests.support.cli import run_cli
 from tests.support.procs import free_port
-
-
-def run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "CORTEX_ADMIN_KEY": ""}
-    cmd = [sys.executable, "-m", f"cortex.cli.{module}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -37,7 +32,7 @@ def busy_port() -> Iterator[int]:
 
 @pytest.mark.parametrize(("module", "name"), [("cortex_cmd", "cortex"), ("neuron_cmd", "neuron")])
 def test_both_clis_print_their_version(module: str, name: str) -> None:
-    done = run(module, "--version")
+    done = run_cli(module, "--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{name} {cortex.__version__}"
 
@@ -47,7 +42,7 @@ def test_up_refuses_a_busy_port_in_one_line_and_starts_nothing(busy_port: int, w
     ports = {"--listen": free_port(), "--metrics-listen": free_port(), "--neuron-listen": free_port()}
     ports[which] = busy_port
     args = [arg for option, port in ports.items() for arg in (option, f"127.0.0.1:{port}")]
-    done = run("cortex_cmd", "up", *args)
+    done = run_cli("cortex_cmd", "up", *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -62,7 +57,7 @@ def test_up_refuses_a_busy_port_in_one_line_and_starts_nothing(busy_port: int, w
 def test_up_fleet_refuses_when_a_later_neuron_port_is_busy(busy_port: int) -> None:
     first = busy_port - 1
     args = ["--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"]
-    done = run("cortex_cmd", "up", *args, "--neuron-listen", f"127.0.0.1:{first}", "--fleet", "2")
+    done = run_cli("cortex_cmd", "up", *args, "--neuron-listen", f"127.0.0.1:{first}", "--fleet", "2")
     assert done.returncode == 2
     assert f"port {busy_port} (neuron local-2) is already in use" in done.stderr
 
@@ -111,25 +106,28 @@ def test_serve_warns_about_an_alias_clients_reserve(tmp_path: Path) -> None:
     assert "no neurons configured" not in said
 
 
+def refused_config(tmp_path: Path, module: str, toml: str) -> str:
+    """`MODULE serve --config FILE` with this text in FILE exits 2, a configuration error: what it said."""
+    config = tmp_path / "config.toml"
+    config.write_text(toml)
+    done = run_cli(module, "serve", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
 def test_config_typos_get_a_did_you_mean(tmp_path: Path) -> None:
-    config = tmp_path / "neuron.toml"
-    config.write_text('listen = "127.0.0.1:1"\n[admision]\nmax_in_flight = 2\n[devices]\nusee = "cpu"\n')
-    done = run("neuron_cmd", "serve", "--config", str(config))
-    assert done.returncode == 2
-    assert "key 'admision': Extra inputs are not permitted (did you mean 'admission'?)" in done.stderr
-    assert "key 'devices.usee': Extra inputs are not permitted (did you mean 'use'?)" in done.stderr
-    config.write_text('[gateway]\nlisen = "127.0.0.1:1"\n')
-    done = run("cortex_cmd", "serve", "--config", str(config))
-    assert done.returncode == 2
-    assert "key 'gateway.lisen': Extra inputs are not permitted (did you mean 'listen'?)" in done.stderr
+    said = refused_config(
+        tmp_path, "neuron_cmd", 'listen = "127.0.0.1:1"\n[admision]\nmax_in_flight = 2\n[devices]\nusee = "cpu"\n'
+    )
+    assert "key 'admision': Extra inputs are not permitted (did you mean 'admission'?)" in said
+    assert "key 'devices.usee': Extra inputs are not permitted (did you mean 'use'?)" in said
+    said = refused_config(tmp_path, "cortex_cmd", '[gateway]\nlisen = "127.0.0.1:1"\n')
+    assert "key 'gateway.lisen': Extra inputs are not permitted (did you mean 'listen'?)" in said
 
 
 def test_a_top_level_key_under_a_table_says_where_it_belongs(tmp_path: Path) -> None:
-    config = tmp_path / "neuron.toml"
-    config.write_text('[[default_models]]\nmodel_id = "x"\nmodel_roots = ["/srv/models"]\n')
-    done = run("neuron_cmd", "serve", "--config", str(config))
-    assert done.returncode == 2
-    assert "'model_roots' is a top-level key: in TOML, put it before the first [table] header" in done.stderr
+    said = refused_config(tmp_path, "neuron_cmd", '[[default_models]]\nmodel_id = "x"\nmodel_roots = ["/srv/models"]\n')
+    assert "'model_roots' is a top-level key: in TOML, put it before the first [table] header" in said
 
 
 def test_an_unreachable_hub_fails_a_load_in_one_line_with_the_offline_hint(tmp_path: Path) -> None:
@@ -151,15 +149,15 @@ def test_an_unreachable_hub_fails_a_load_in_one_line_with_the_offline_hint(tmp_p
 
 
 def test_serve_refuses_a_busy_port_in_one_line(busy_port: int, tmp_path: Path) -> None:
-    # run() exports CORTEX_ADMIN_KEY (a CLI client variable): serve must not read it as a config key.
+    # run_cli() exports CORTEX_ADMIN_KEY (a CLI client variable): serve must not read it as a config key.
     config = tmp_path / "cortex.toml"
     config.write_text(f'[gateway]\nlisten = "127.0.0.1:{busy_port}"\nmetrics_listen = "127.0.0.1:{free_port()}"\n')
-    done = run("cortex_cmd", "serve", "--config", str(config))
+    done = run_cli("cortex_cmd", "serve", "--config", str(config))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: cortex serve: port {busy_port} (gateway API) is already in use by another process: stop it, "
         "or choose another port with gateway.listen HOST:PORT"
     ]
-    done = run("neuron_cmd", "serve", "--listen", f"127.0.0.1:{busy_port}")
+    done = run_cli("neuron_cmd", "serve", "--listen", f"127.0.0.1:{busy_port}")
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and f"port {busy_port} (neuron)" in done.stderr

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+from tests.support.cli import cortex
 from tests.support.gateway_client import StartFake, StartGateway, fake_log, loads_on, models_toml
 from tests.support.gateway_procs import GatewayDaemon
 
 
-def cortex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "COLUMNS": "200", "CORTEX_ADMIN_KEY": "", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "cortex.cli.cortex_cmd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=full_env,
-    )
-
-
-def fleet(fake: StartFake, gateway: StartGateway, **config) -> tuple[GatewayDaemon, object, object]:
-    a = fake("a", devices=[{"vram_total_mb": 24000}], preloaded=["m1"], load_delay_s=1.0, fail_loads=["bad"])
-    b = fake("b", devices=[{"vram_total_mb": 16000}, {"vram_total_mb": 16000}])
+def fleet(start_fake: StartFake, start_gateway: StartGateway, **config) -> tuple[GatewayDaemon, object, object]:
+    a = start_fake("a", devices=[{"vram_total_mb": 24000}], preloaded=["m1"], load_delay_s=1.0, fail_loads=["bad"])
+    b = start_fake("b", devices=[{"vram_total_mb": 16000}, {"vram_total_mb": 16000}])
     catalogue = models_toml({"id": "m1"}, {"id": "m2", "vram_mb": 2000}, {"id": "bad"}, aliases={"two": "m2"})
-    return gateway({"a": a, "b": b}, catalogue, **config), a, b
+    return start_gateway({"a": a, "b": b}, catalogue, **config), a, b
 
 
-def test_status_and_models(fake: StartFake, gateway: StartGateway) -> None:
-    front, _, _ = fleet(fake, gateway)
+def test_status_and_models(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    front, _, _ = fleet(start_fake, start_gateway)
     done = cortex("status", "--url", front.url)
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -41,8 +27,8 @@ def test_status_and_models(fake: StartFake, gateway: StartGateway) -> None:
         assert expected in done.stdout, expected
 
 
-def test_load_shows_progress_and_unload(fake: StartFake, gateway: StartGateway) -> None:
-    front, a, _ = fleet(fake, gateway)
+def test_load_shows_progress_and_unload(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    front, a, _ = fleet(start_fake, start_gateway)
     done = cortex("load", "two", "--node", "a", "--url", front.url)
     assert done.returncode == 0, done.stderr
     assert "loaded m2 on a" in done.stdout
@@ -56,8 +42,8 @@ def test_load_shows_progress_and_unload(fake: StartFake, gateway: StartGateway) 
     assert fake_log(a)["unloads"] == ["m2"]
 
 
-def test_load_failures_exit_non_zero_with_the_reason(fake: StartFake, gateway: StartGateway) -> None:
-    front, _, _ = fleet(fake, gateway)
+def test_load_failures_exit_non_zero_with_the_reason(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    front, _, _ = fleet(start_fake, start_gateway)
     done = cortex("load", "bad", "--node", "a", "--url", front.url)
     assert done.returncode == 1
     assert "no weights found" in done.stderr
@@ -72,8 +58,8 @@ def test_load_failures_exit_non_zero_with_the_reason(fake: StartFake, gateway: S
     assert "cannot reach the gateway" in done.stderr
 
 
-def test_admin_key_is_required_when_configured(fake: StartFake, gateway: StartGateway) -> None:
-    front, _, _ = fleet(fake, gateway, extra_gateway='admin_key = "s3cret"')
+def test_admin_key_is_required_when_configured(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    front, _, _ = fleet(start_fake, start_gateway, extra_gateway='admin_key = "s3cret"')
     done = cortex("status", "--url", front.url)
     assert done.returncode == 1
     assert "401" in done.stderr

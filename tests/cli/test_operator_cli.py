@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cli.conftest import cortex, models_toml
+from tests.support.cli import cortex
+from tests.support.gateway_client import StartFake, StartGateway, models_toml
 from tests.support.gateway_procs import wait_until
 
 GPU = [{"vram_total_mb": 24000}]
 
 
-def test_status_shows_an_unreachable_nodes_models_as_stale(fake: Any, gateway: Any) -> None:
-    a = fake("a", devices=GPU, preloaded=["m1"])
-    b = fake("b", devices=GPU, preloaded=["m2"])
-    gw = gateway({"a": a, "b": b}, models_toml({"id": "m1"}, {"id": "m2"}))
+def test_status_shows_an_unreachable_nodes_models_as_stale(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    a = start_fake("a", devices=GPU, preloaded=["m1"])
+    b = start_fake("b", devices=GPU, preloaded=["m2"])
+    gw = start_gateway({"a": a, "b": b}, models_toml({"id": "m1"}, {"id": "m2"}))
     a.kill()
     wait_until(lambda: not next(n for n in gw.state()["nodes"] if n["name"] == "a")["healthy"])
     done = cortex("status", "--url", gw.url)
@@ -23,9 +22,9 @@ def test_status_shows_an_unreachable_nodes_models_as_stale(fake: Any, gateway: A
     assert "loaded" in rows["m2"] and "stale" not in rows["m2"]
 
 
-def test_unloading_a_pinned_model_says_it_will_come_back(fake: Any, gateway: Any) -> None:
-    a = fake("a", devices=GPU, preloaded=["m1", "m2"])
-    gw = gateway({"a": a}, models_toml({"id": "m1", "pinned_on": ["a"]}, {"id": "m2"}))
+def test_unloading_a_pinned_model_says_it_will_come_back(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    a = start_fake("a", devices=GPU, preloaded=["m1", "m2"])
+    gw = start_gateway({"a": a}, models_toml({"id": "m1", "pinned_on": ["a"]}, {"id": "m2"}))
     done = cortex("unload", "m1", "--node", "a", "--url", gw.url)
     assert done.returncode == 0, done.stderr
     assert "unloaded m1 from a" in done.stdout
@@ -37,9 +36,9 @@ def test_unloading_a_pinned_model_says_it_will_come_back(fake: Any, gateway: Any
     assert "m2 is pinned on a (cortex pin)" in done.stdout and "cortex pin m2 --node a --off" in done.stdout
 
 
-def test_unpinned_unload_has_no_note(fake: Any, gateway: Any) -> None:
-    a = fake("a", devices=GPU, preloaded=["m2"])
-    gw = gateway({"a": a}, models_toml({"id": "m2"}))
+def test_unpinned_unload_has_no_note(start_fake: StartFake, start_gateway: StartGateway) -> None:
+    a = start_fake("a", devices=GPU, preloaded=["m2"])
+    gw = start_gateway({"a": a}, models_toml({"id": "m2"}))
     assert cortex("pin", "m2", "--node", "a", "--url", gw.url).returncode == 0
     done = cortex("pin", "m2", "--node", "a", "--off", "--url", gw.url)
     assert (done.returncode, "unpinned m2 on a" in done.stdout) == (0, True)

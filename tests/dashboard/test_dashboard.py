@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.conftest import models_toml
+from tests.support.gateway_client import models_toml
 from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_fake_neuron, run_gateway
 from tests.support.procs import Daemon
 

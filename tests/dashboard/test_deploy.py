@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cli.conftest import models_toml
+from tests.support.gateway_client import models_toml
 from tests.support.gateway_procs import cortex_toml, run_fake_neuron, run_gateway, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.support.gateway_procs import cortex_toml
+from tests.support.procs import cpu_neuron_toml as neuron_toml  # noqa: F401  (the chaos tests' name)
 
 # The gateway's timeouts in these tests (production defaults are longer: docs/reliability.md).
 STREAM_IDLE_S = 3.0
@@ -33,18 +34,6 @@ def chaos_gateway_toml(neurons: dict[str, str], **extra: object) -> str:
     }
     lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     return cortex_toml(neurons, models_config=None, extra_gateway="\n".join(lines))
-
-
-def neuron_toml(model_dir: Path, model_id: str = "tiny") -> str:
-    return f"""
-model_roots = ["{model_dir.parent}"]
-[devices]
-use = "cpu"
-cpu_memory_mb = 4096
-[[default_models]]
-model_id = "{model_id}"
-source = "{model_dir}"
-"""
 
 
 def rss_mb(pid: int) -> float:

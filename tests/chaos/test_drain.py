@@ -14,9 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.chaos.conftest import MARGIN_S, Clock, chaos_gateway_toml, neuron_toml, report
-from tests.support.gateway_procs import run_gateway
-from tests.support.procs import run_neuron, wait_model_status
+from tests.chaos.conftest import MARGIN_S, Clock, chaos_gateway_toml, report
+from tests.support.gateway_procs import run_single_model_fleet
 
 MODEL = "tiny"
 STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "temperature": 0}
@@ -78,31 +77,27 @@ def ended_cleanly(lines: list[str]) -> bool:
 async def test_neuron_sigterm_lets_its_streams_finish(
     tmp_path: Path, tiny_model: Path, http: aiohttp.ClientSession
 ) -> None:
-    with run_neuron(tmp_path, neuron_toml(tiny_model)) as neuron:
-        wait_model_status(neuron.url, MODEL)
-        with run_gateway(tmp_path, chaos_gateway_toml({"n": neuron.url}), wait_healthy=1) as gateway:
-            lines, finished_after, probes = await stream_through_sigterm(http, gateway.url, neuron.proc.pid, neuron.url)
-            assert ended_cleanly(lines), lines[-3:]
-            assert refused_while_draining(probes), probes
-            assert neuron.proc.wait(timeout=MARGIN_S * 4) == 0
-            # Gone: a new request gets a clear answer, not a hang.
-            clock = Clock()
-            async with http.post(f"{gateway.url}/v1/chat/completions", json=STREAM) as resp:
-                body = json.loads(await resp.read())
-            assert resp.status in (502, 503) and "error" in body
-            report("neuron_sigterm", stream_finished_after_s=finished_after, next_refused_after_s=clock.elapsed())
+    with run_single_model_fleet(tmp_path, MODEL, tiny_model, chaos_gateway_toml) as fleet:
+        neuron, gateway = fleet.neuron, fleet.gateway
+        lines, finished_after, probes = await stream_through_sigterm(http, gateway.url, neuron.proc.pid, neuron.url)
+        assert ended_cleanly(lines), lines[-3:]
+        assert refused_while_draining(probes), probes
+        assert neuron.proc.wait(timeout=MARGIN_S * 4) == 0
+        # Gone: a new request gets a clear answer, not a hang.
+        clock = Clock()
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=STREAM) as resp:
+            body = json.loads(await resp.read())
+        assert resp.status in (502, 503) and "error" in body
+        report("neuron_sigterm", stream_finished_after_s=finished_after, next_refused_after_s=clock.elapsed())
 
 
 async def test_gateway_sigterm_lets_its_streams_finish(
     tmp_path: Path, tiny_model: Path, http: aiohttp.ClientSession
 ) -> None:
-    with run_neuron(tmp_path, neuron_toml(tiny_model)) as neuron:
-        wait_model_status(neuron.url, MODEL)
-        with run_gateway(tmp_path, chaos_gateway_toml({"n": neuron.url}), wait_healthy=1) as gateway:
-            lines, finished_after, probes = await stream_through_sigterm(
-                http, gateway.url, gateway.proc.pid, gateway.url
-            )
-            assert ended_cleanly(lines), lines[-3:]
-            assert refused_while_draining(probes), probes
-            assert gateway.proc.wait(timeout=MARGIN_S * 4) == 0
-            report("gateway_sigterm", stream_finished_after_s=finished_after)
+    with run_single_model_fleet(tmp_path, MODEL, tiny_model, chaos_gateway_toml) as fleet:
+        gateway = fleet.gateway
+        lines, finished_after, probes = await stream_through_sigterm(http, gateway.url, gateway.proc.pid, gateway.url)
+        assert ended_cleanly(lines), lines[-3:]
+        assert refused_while_draining(probes), probes
+        assert gateway.proc.wait(timeout=MARGIN_S * 4) == 0
+        report("gateway_sigterm", stream_finished_after_s=finished_after)

@@ -15,7 +15,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -23,10 +23,12 @@ import pytest
 
 from tests.chaos.conftest import CLIENT_WRITE_S, MARGIN_S, Clock, chaos_gateway_toml, neuron_toml, report, rss_mb
 from tests.support.gateway_procs import GatewayDaemon, eventually, run_fake_neuron
-from tests.support.procs import free_port, get_json, run_neuron, spawn, wait_http, wait_model_status
+from tests.support.procs import Daemon, free_port, get_json, run_neuron, spawn, wait_http, wait_model_status
 
 MODEL = "tiny"
 SHORT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+# What a non-reading client sends: a stream from the fake neuron's model.
+NEVER_READ_BODY = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 
 @contextlib.contextmanager
@@ -43,6 +45,21 @@ def gateway_on(tmp: Path, toml: str, port: int, metrics_port: int, tag: str) -> 
         yield daemon
     finally:
         daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def long_streams_behind_gateway(tmp: Path, events: int, tag: str) -> AsyncIterator[tuple[Daemon, GatewayDaemon]]:
+    """A fake neuron that streams `events` events at once per request, behind a gateway it is healthy in."""
+    spec = {"name": "a", "devices": [{"vram_total_mb": 24000}], "preloaded": ["m"], "stream_events": events}
+    spec["event_interval_s"] = 0
+    with run_fake_neuron(tmp, spec) as fake:
+        # The fake answers many streams at once on a busy machine: give it time to start each one.
+        toml = chaos_gateway_toml({"a": fake.url}, stream_idle_timeout_s=60).replace(
+            "timeout_s = 2\n", "timeout_s = 30\n", 1
+        )
+        with gateway_on(tmp, toml, free_port(), free_port(), tag) as gateway:
+            await eventually(lambda: get_json(f"{gateway.url}/health")["healthy_neurons"] == 1, timeout=60)
+            yield fake, gateway
 
 
 async def test_gateway_restart_under_load(tmp_path: Path, tiny_model: Path) -> None:
@@ -96,7 +113,7 @@ async def test_gateway_restart_under_load(tmp_path: Path, tiny_model: Path) -> N
     )
 
 
-def open_and_never_read(url: str, body: bytes) -> socket.socket:
+def open_and_never_read(url: str, body: bytes = NEVER_READ_BODY) -> socket.socket:
     """A client that sends a streaming request and then reads nothing (a tiny receive window)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.socket()
@@ -112,40 +129,31 @@ def open_and_never_read(url: str, body: bytes) -> socket.socket:
 
 @pytest.mark.timeout(600)
 async def test_200_clients_that_never_read(tmp_path: Path) -> None:
-    spec = {"name": "a", "devices": [{"vram_total_mb": 24000}], "preloaded": ["m"], "stream_events": 600}
-    spec["event_interval_s"] = 0
-    with run_fake_neuron(tmp_path, spec) as fake:
-        # The fake answers 200 streams at once on a busy machine: give it time to start each one.
-        toml = chaos_gateway_toml({"a": fake.url}, stream_idle_timeout_s=60).replace(
-            "timeout_s = 2\n", "timeout_s = 30\n", 1
-        )
-        with gateway_on(tmp_path, toml, free_port(), free_port(), "readers") as gateway:
-            await eventually(lambda: get_json(f"{gateway.url}/health")["healthy_neurons"] == 1, timeout=60)
-            pid = gateway.proc.pid
-            body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
-            baseline = rss_mb(pid)
-            clock = Clock()
-            sockets = [open_and_never_read(gateway.url, body) for _ in range(200)]
+    async with long_streams_behind_gateway(tmp_path, 600, "readers") as (fake, gateway):
+        pid = gateway.proc.pid
+        baseline = rss_mb(pid)
+        clock = Clock()
+        sockets = [open_and_never_read(gateway.url) for _ in range(200)]
 
-            def settled() -> bool:
-                """Every request reached the neuron and none is in flight any more: finished or cut off."""
-                relayed = len(get_json(f"{fake.url}/_fake/log", timeout=60)["requests"]) >= 200
-                nodes = get_json(f"{gateway.url}/admin/state", timeout=60)["nodes"]
-                return relayed and all(m["in_flight"] == 0 for n in nodes for m in n["models"])
+        def settled() -> bool:
+            """Every request reached the neuron and none is in flight any more: finished or cut off."""
+            relayed = len(get_json(f"{fake.url}/_fake/log", timeout=60)["requests"]) >= 200
+            nodes = get_json(f"{gateway.url}/admin/state", timeout=60)["nodes"]
+            return relayed and all(m["in_flight"] == 0 for n in nodes for m in n["models"])
 
-            try:
-                peak = baseline
-                while not settled():
-                    peak = max(peak, rss_mb(pid))
-                    assert clock.elapsed() < CLIENT_WRITE_S + MARGIN_S * 8, "streams still pinned"
-                    await asyncio.sleep(0.2)
-                settled_after = clock.elapsed()
-                cut = get_json(f"{fake.url}/_fake/log", timeout=30)["cancelled"]
-            finally:
-                for sock in sockets:
-                    sock.close()
-            await asyncio.sleep(1)
-            after = rss_mb(pid)
+        try:
+            peak = baseline
+            while not settled():
+                peak = max(peak, rss_mb(pid))
+                assert clock.elapsed() < CLIENT_WRITE_S + MARGIN_S * 8, "streams still pinned"
+                await asyncio.sleep(0.2)
+            settled_after = clock.elapsed()
+            cut = get_json(f"{fake.url}/_fake/log", timeout=30)["cancelled"]
+        finally:
+            for sock in sockets:
+                sock.close()
+        await asyncio.sleep(1)
+        after = rss_mb(pid)
     growth = peak - baseline
     assert growth < 50, f"200 non-reading clients grew the gateway by {growth:.0f} MB"
     assert after - baseline < 50
@@ -162,29 +170,21 @@ async def test_200_clients_that_never_read(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 async def test_a_client_that_stops_reading_is_cut_off(tmp_path: Path) -> None:
     """Streams longer than every socket buffer on the way: the gateway's writes wait, and it cuts the clients off."""
-    spec = {"name": "a", "devices": [{"vram_total_mb": 24000}], "preloaded": ["m"], "stream_events": 40000}
-    spec["event_interval_s"] = 0
-    with run_fake_neuron(tmp_path, spec) as fake:
-        toml = chaos_gateway_toml({"a": fake.url}, stream_idle_timeout_s=60).replace(
-            "timeout_s = 2\n", "timeout_s = 30\n", 1
-        )
-        with gateway_on(tmp_path, toml, free_port(), free_port(), "stalled") as gateway:
-            await eventually(lambda: get_json(f"{gateway.url}/health")["healthy_neurons"] == 1, timeout=60)
-            body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
-            clock = Clock()
-            sockets = [open_and_never_read(gateway.url, body) for _ in range(4)]
+    async with long_streams_behind_gateway(tmp_path, 40000, "stalled") as (fake, gateway):
+        clock = Clock()
+        sockets = [open_and_never_read(gateway.url) for _ in range(4)]
 
-            def all_cut() -> bool:  # 40,000 events cannot have finished: ended streams were cut off
-                nodes = get_json(f"{gateway.url}/admin/state", timeout=30)["nodes"]
-                started = len(get_json(f"{fake.url}/_fake/log", timeout=30)["requests"]) >= 4
-                return started and all(m["in_flight"] == 0 for n in nodes for m in n["models"])
+        def all_cut() -> bool:  # 40,000 events cannot have finished: ended streams were cut off
+            nodes = get_json(f"{gateway.url}/admin/state", timeout=30)["nodes"]
+            started = len(get_json(f"{fake.url}/_fake/log", timeout=30)["requests"]) >= 4
+            return started and all(m["in_flight"] == 0 for n in nodes for m in n["models"])
 
-            try:
-                await eventually(all_cut, timeout=CLIENT_WRITE_S + MARGIN_S * 4)
-                cut_after = clock.elapsed()
-            finally:
-                for sock in sockets:
-                    sock.close()
-            log = gateway.log()
+        try:
+            await eventually(all_cut, timeout=CLIENT_WRITE_S + MARGIN_S * 4)
+            cut_after = clock.elapsed()
+        finally:
+            for sock in sockets:
+                sock.close()
+        log = gateway.log()
     assert log.count("status=499") >= 4 and "Traceback" not in log
     report("stalled_client", cut_off_after_s=cut_after)

@@ -7,12 +7,21 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.procs import Daemon, free_port, get_json, run_neuron, spawn, wait_http, wait_model_status
+from tests.support.procs import (
+    Daemon,
+    cpu_neuron_toml,
+    free_port,
+    get_json,
+    run_neuron,
+    spawn,
+    wait_http,
+    wait_model_status,
+)
 
 
 @dataclass
@@ -118,34 +127,41 @@ def run_fake_neuron(tmp: Path, spec: dict[str, Any], *, port: int | None = None)
         daemon.stop()
 
 
+class _Poll:
+    """A condition polled until a deadline: what `wait_until` and `eventually` share (they differ in how they sleep)."""
+
+    def __init__(self, predicate: Any, timeout: float, message: str) -> None:
+        self.predicate, self.timeout, self.message = predicate, timeout, message
+        self.deadline = time.monotonic() + timeout
+        self.value: Any = None
+        self.last_exc: Exception | None = None
+
+    def met(self) -> bool:
+        """Check once: True when the predicate returned something truthy (kept in `value`); TimeoutError when late."""
+        if time.monotonic() >= self.deadline:
+            raise TimeoutError(f"condition not met within {self.timeout}s {self.message} (last error: {self.last_exc})")
+        try:
+            self.value = self.predicate()
+        except Exception as exc:  # a daemon not answering yet is what we are waiting out
+            self.last_exc = exc
+            return False
+        return bool(self.value)
+
+
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
     """Poll `predicate` until it returns something truthy; that value, or TimeoutError."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # a daemon not answering yet is what we are waiting out
-            last_exc = exc
+    poll = _Poll(predicate, timeout, message)
+    while not poll.met():
         time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s {message} (last error: {last_exc})")
+    return poll.value
 
 
 async def eventually(predicate: Any, timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
     """`wait_until` for async tests: sleeps without blocking the event loop (sockets must close meanwhile)."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # a daemon not answering yet is what we are waiting out
-            last_exc = exc
+    poll = _Poll(predicate, timeout, message)
+    while not poll.met():  # noqa: ASYNC110  (the condition is another process's state: nothing to await)
         await asyncio.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s {message} (last error: {last_exc})")
+    return poll.value
 
 
 @dataclass
@@ -155,18 +171,16 @@ class RealFleet:
 
 
 @contextlib.contextmanager
-def run_single_model_fleet(tmp: Path, model_id: str, model_dir: Path) -> Iterator[RealFleet]:
-    """One real neuron serving one local model on its CPU, and one real gateway in front of it."""
-    neuron_toml = f"""
-model_roots = ["{model_dir.parent}"]
-[devices]
-use = "cpu"
-cpu_memory_mb = 4096
-[[default_models]]
-model_id = "{model_id}"
-source = "{model_dir}"
-"""
-    with run_neuron(tmp, neuron_toml) as neuron:
+def run_single_model_fleet(
+    tmp: Path, model_id: str, model_dir: Path, gateway_toml: Callable[[dict[str, str]], str] | None = None
+) -> Iterator[RealFleet]:
+    """One real neuron serving one local model on its CPU, and one real gateway in front of it.
+
+    `gateway_toml` makes the gateway's cortex.toml from {node name: neuron URL} (default: `cortex_toml`'s).
+    """
+    with run_neuron(tmp, cpu_neuron_toml(model_dir, model_id)) as neuron:
         wait_model_status(neuron.url, model_id)
-        with run_gateway(tmp, cortex_toml({"real": neuron.url}, models_config=None), wait_healthy=1) as gateway:
+        neurons = {"real": neuron.url}
+        toml = gateway_toml(neurons) if gateway_toml else cortex_toml(neurons, models_config=None)
+        with run_gateway(tmp, toml, wait_healthy=1) as gateway:
             yield RealFleet(gateway, neuron)

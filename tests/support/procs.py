@@ -68,6 +68,19 @@ def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) ->
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
 
 
+def cpu_neuron_toml(model_dir: Path, model_id: str = "tiny") -> str:
+    """A neuron.toml that serves the local model in `model_dir` as `model_id` on the CPU, in 4 GiB."""
+    return f"""
+model_roots = ["{model_dir.parent}"]
+[devices]
+use = "cpu"
+cpu_memory_mb = 4096
+[[default_models]]
+model_id = "{model_id}"
+source = "{model_dir}"
+"""
+
+
 @contextlib.contextmanager
 def run_neuron(
     tmp: Path, config_toml: str, *, env: dict[str, str] | None = None, port: int | None = None

@@ -8,6 +8,7 @@ random values, so greedy output is deterministic gibberish: right for plumbing a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cortex.neuron.default_model import DEFAULT_GGUF_NAME, default_gguf_path
 
@@ -44,20 +45,11 @@ def smollm_gguf() -> tuple[Path, str]:
     return path.parent, DEFAULT_GGUF_NAME
 
 
-def build_tiny_model(
-    out: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 1024, tools: bool = False
-) -> Path:
-    """Save a random-weight Llama with SmolLM2's tokenizer as a safetensors directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer: Any, *, hidden: int, layers: int, context: int) -> Any:
+    """A small Llama shape over SmolLM2's tokenizer (its vocabulary and special tokens), embeddings tied."""
+    from transformers import LlamaConfig
 
-    if (out / "config.json").exists():
-        return out
-    directory, gguf = smollm_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    if tools:
-        tokenizer.chat_template = TOOL_TEMPLATE
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -70,6 +62,22 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
+
+
+def build_tiny_model(
+    out: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 1024, tools: bool = False
+) -> Path:
+    """Save a random-weight Llama with SmolLM2's tokenizer as a safetensors directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    directory, gguf = smollm_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    if tools:
+        tokenizer.chat_template = TOOL_TEMPLATE
+    config = tiny_llama_config(tokenizer, hidden=hidden, layers=layers, context=context)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():

@@ -125,12 +125,17 @@ class ReplayServer:
         if self.server is not None:
             await self.server.close()
 
+    async def _take(self, request: web.Request, parse: Any, to_chat: Any) -> Any:
+        """The request parsed and its chat translation recorded; then the script's error, if it has one."""
+        req = parse(await request.json())
+        self.chat_bodies.append(to_chat(req))
+        if self.script.error is not None:
+            raise self.script.error
+        return req
+
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         try:
-            req = parse_messages_request(await request.json())
-            self.chat_bodies.append(anthropic_to_chat(req))
-            if self.script.error is not None:
-                raise self.script.error
+            req = await self._take(request, parse_messages_request, anthropic_to_chat)
         except ApiError as exc:
             return web.json_response(exc.anthropic_body(), status=exc.status)
         if not req.stream:
@@ -143,10 +148,7 @@ class ReplayServer:
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         try:
-            req = parse_responses_request(await request.json())
-            self.chat_bodies.append(responses_to_chat(req))
-            if self.script.error is not None:
-                raise self.script.error
+            req = await self._take(request, parse_responses_request, responses_to_chat)
         except ApiError as exc:
             return web.json_response(exc.openai_body(), status=exc.status)
         if not req.stream:

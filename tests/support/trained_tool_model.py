@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.support.models import TOOL_TEMPLATE, smollm_gguf
+from tests.support.models import TOOL_TEMPLATE, smollm_gguf, tiny_llama_config
 
 QUESTION = "What's the weather in Paris?"
 TOOL_NAME = "get_weather"
@@ -72,7 +72,7 @@ def training_conversations() -> list[tuple[list[dict[str, Any]], list[dict[str, 
 def build_tool_calling_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """Build, train, check and save (safetensors + tokenizer) the tool-calling model in `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from cortex.neuron.engine.chat import ChatRenderer
 
@@ -90,19 +90,7 @@ def build_tool_calling_model(out: Path, *, seed: int = 0, hidden: int = 64, laye
         prompt = tuple(renderer.render(messages, tools))
         samples[prompt] = [*tokenizer.encode(reply, add_special_tokens=False), eos]
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tokenizer, hidden=hidden, layers=layers, context=1024)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     _train(model, samples, torch)

@@ -17,6 +17,10 @@ Needs `wrk` (Debian: apt-get install wrk) and `taskset` (util-linux).
 
     python benchmarks/gateway.py [--seconds 5] [--log-level info]
     python benchmarks/gateway.py --baseline /tmp/old-checkout --rounds 3   # two gateways, one run
+
+With --baseline (a checkout of another commit, e.g. `git archive REV src | tar -x -C /tmp/old-checkout`),
+both gateways are measured against the same upstream, alternating, and `this_over_baseline` gives
+each figure of this gateway over the baseline's.
 """
 
 from __future__ import annotations
@@ -270,7 +274,8 @@ def main() -> None:
         print(json.dumps({**results["this"][0], "setup": setup}, indent=2))
         return
     best = {name: _best(runs) for name, runs in results.items()}
-    print(json.dumps({"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **best}, indent=2))
+    summary = {"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **best}
+    print(json.dumps({**summary, "this_over_baseline": ratios(best["baseline"], best["this"])}, indent=2))
 
 
 def _measure_gateway(
@@ -289,6 +294,28 @@ def _measure_gateway(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# The figures compared between two gateways: (section, key) of `measure`'s result. Above 1 is more for
+# requests/s and more time for the others (so better for the first, worse for the rest).
+COMPARED = {
+    "gateway_one_core_rps": ("throughput_c32_rps", "gateway_one_core"),
+    "gateway_one_core_rps_from_cpu_time": ("throughput_c32_rps", "gateway_one_core_rps_from_cpu_time"),
+    "gateway_cpu_us_per_request": ("throughput_c32_rps", "gateway_cpu_us_per_request"),
+    "added_p50_ms_c1": ("latency_c1_ms", "added_p50"),
+    "added_p99_ms_c1": ("latency_c1_ms", "added_p99"),
+    "added_first_byte_p50_ms": ("stream_first_byte_ms", "added_p50"),
+    "added_first_byte_after_idle_p50_ms": ("stream_first_byte_after_idle_ms", "added_p50"),
+}
+
+
+def ratios(baseline: dict[str, Any], this: dict[str, Any]) -> dict[str, float | None]:
+    """This gateway's figure over the baseline's, for each of COMPARED (None where the baseline's is 0 or absent)."""
+    out: dict[str, float | None] = {}
+    for name, (section, key) in COMPARED.items():
+        old, new = baseline[section].get(key), this[section].get(key)
+        out[name] = round(new / old, 3) if old and new is not None else None
+    return out
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -89,3 +89,30 @@ def test_responses_logprobs(gateway_url: str) -> None:
     part = response.output[0].content[0]  # type: ignore[union-attr]
     assert part.logprobs and "".join(p.token for p in part.logprobs) == part.text
     assert all(len(p.top_logprobs) == 2 and p.logprob <= 0 for p in part.logprobs)
+
+
+def test_responses_logprobs_stream(gateway_url: str) -> None:
+    """Streamed, each text delta carries its own tokens' logprobs; the done events carry them all."""
+    from tests.support.dialect_schemas import assert_responses_event
+
+    events = list(
+        _client(gateway_url).responses.create(
+            model=MODEL,
+            input="Count to three.",
+            max_output_tokens=8,
+            temperature=0,
+            include=["message.output_text.logprobs"],
+            top_logprobs=2,
+            stream=True,
+        )
+    )
+    for event in events:
+        assert_responses_event(event.type, event.model_dump(exclude_unset=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    streamed = [p for d in deltas for p in d.logprobs]
+    assert streamed and "".join(p.token for p in streamed) == done.text
+    assert [p.token for p in done.logprobs] == [p.token for p in streamed]
+    assert all(len(p.top_logprobs or []) == 2 and p.logprob <= 0 for p in streamed)
+    final = events[-1].response.output[0].content[0]  # type: ignore[union-attr]
+    assert [p.token for p in final.logprobs] == [p.token for p in streamed]

@@ -563,3 +563,42 @@ def test_custom_tool_call_stream_sequence() -> None:
     patch, call = events[-1][1]["response"]["output"]
     assert (patch["type"], patch["name"], patch["input"]) == ("custom_tool_call", "apply_patch", "*** Begin Patch\n")
     assert (call["name"], call["namespace"], call["arguments"]) == ("spawn", "multi_agent_v1", "{}")
+
+
+def test_logprobs_stream_on_the_text_events() -> None:
+    def entry(token: str) -> dict[str, Any]:
+        top = [{"token": token, "logprob": -0.1, "bytes": list(token.encode())}]
+        return {"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def logprobs(*tokens: str) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {}, "logprobs": {"content": [entry(t) for t in tokens]}, "finish_reason": None}
+        return {"object": "chat.completion.chunk", "choices": [choice]}
+
+    chunks = [
+        logprobs("Hel", "lo"),
+        chunk({"content": "Hello"}),
+        logprobs("!"),
+        chunk({"content": "!"}),
+        chunk({}, "stop"),
+    ]
+    events = dict(stream_events(chunks, include=["message.output_text.logprobs"], top_logprobs=1))
+    deltas = [
+        data
+        for name, data in stream_events(chunks, include=["message.output_text.logprobs"])
+        if name.endswith("text.delta")
+    ]
+    assert [[p["token"] for p in d["logprobs"]] for d in deltas] == [["Hel", "lo"], ["!"]]
+    assert deltas[0]["logprobs"][0] == {
+        "token": "Hel",
+        "logprob": -0.1,
+        "top_logprobs": [{"token": "Hel", "logprob": -0.1}],
+    }
+    assert [p["token"] for p in events["response.output_text.done"]["logprobs"]] == ["Hel", "lo", "!"]
+    part = events["response.completed"]["response"]["output"][0]["content"][0]
+    assert [p["token"] for p in part["logprobs"]] == ["Hel", "lo", "!"] and part["logprobs"][0]["bytes"] == [
+        72,
+        101,
+        108,
+    ]
+    without = [data for name, data in stream_events(chunks) if name.endswith("text.delta")]
+    assert all(d["logprobs"] == [] for d in without)

@@ -35,6 +35,7 @@ class _OpenItem:
         self.item_id = item_id
         self.output_index = output_index
         self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []  # a message's per-token logprobs (Chat's shape)
         self.call_id = ""
         self.name = ""  # as the model wrote it (flat); mapped back to the client's name when sent
 
@@ -68,6 +69,8 @@ class ResponsesStream(ChunkTranslator):
         self._tool_items: dict[int, _OpenItem] = {}
         self._done_items: list[dict[str, Any]] = []
         self._finish_reason: str | None = None
+        self._logprobs = req.wants_logprobs()
+        self._pending_logprobs: list[dict[str, Any]] = []  # the neuron sends a token's logprobs before its text
 
     # -- public ------------------------------------------------------------------------------
 
@@ -115,6 +118,8 @@ class ResponsesStream(ChunkTranslator):
     def _feed_choice(self, choice: dict[str, Any]) -> list[SseEvent]:
         events: list[SseEvent] = []
         delta = choice.get("delta") or {}
+        if self._logprobs:
+            self._pending_logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
         if delta.get("reasoning_content"):
             events.extend(self._stream_text("reasoning", delta["reasoning_content"]))
         if delta.get("content"):
@@ -136,7 +141,11 @@ class ResponsesStream(ChunkTranslator):
             assert item is not None
         item.text.append(text)
         if kind == "message":
-            events.append(self._part_event("response.output_text.delta", item, delta=text, logprobs=[]))
+            logprobs, self._pending_logprobs = self._pending_logprobs, []
+            item.logprobs.extend(logprobs)
+            events.append(
+                self._part_event("response.output_text.delta", item, delta=text, logprobs=_event_logprobs(logprobs))
+            )
         else:
             events.append(self._part_event("response.reasoning_text.delta", item, delta=text))
         return events
@@ -222,10 +231,13 @@ class ResponsesStream(ChunkTranslator):
                 )
             ]
         elif item.kind == "message":
-            done = message_item(item.item_id, text)
+            item.logprobs.extend(self._pending_logprobs)  # tokens whose text was held back, then ended the message
+            self._pending_logprobs = []
+            logprobs = item.logprobs if self._logprobs else None
+            done = message_item(item.item_id, text, logprobs=logprobs)
             events = [
-                self._part_event("response.output_text.done", item, text=text, logprobs=[]),
-                self._part_event("response.content_part.done", item, part=output_text_part(text)),
+                self._part_event("response.output_text.done", item, text=text, logprobs=_event_logprobs(logprobs)),
+                self._part_event("response.content_part.done", item, part=output_text_part(text, logprobs)),
             ]
         else:
             done = reasoning_item(item.item_id, text)
@@ -265,3 +277,17 @@ class ResponsesStream(ChunkTranslator):
             error=error,
             model=self.model,
         )
+
+
+def _event_logprobs(entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Chat's per-token logprobs as the text events carry them: token, logprob, top_logprobs (no bytes)."""
+    return [
+        {
+            "token": entry.get("token", ""),
+            "logprob": entry.get("logprob", 0.0),
+            "top_logprobs": [
+                {"token": t.get("token"), "logprob": t.get("logprob")} for t in entry.get("top_logprobs") or []
+            ],
+        }
+        for entry in entries or []
+    ]

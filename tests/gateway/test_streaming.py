@@ -7,11 +7,21 @@ import contextlib
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.gateway_client import StartFake, StartGateway, chat_body, fake_log, models_toml, read_events
 from tests.support.gateway_procs import GatewayDaemon, eventually
+from tests.support.procs import Daemon
 
 GPU = [{"vram_total_mb": 10000}]
+Loaded = tuple[Daemon, GatewayDaemon]
+
+
+@pytest.fixture
+def loaded(start_fake: StartFake, start_gateway: StartGateway) -> Loaded:
+    """A fake neuron with model `m` loaded, and a gateway over it."""
+    a = start_fake("a", devices=GPU, preloaded=["m"])
+    return a, start_gateway({"a": a})
 
 
 async def stream(http: aiohttp.ClientSession, gateway: GatewayDaemon, model: str, **extra: Any) -> list[Any]:
@@ -28,11 +38,8 @@ def content(events: list[Any]) -> str:
     )
 
 
-async def test_events_pass_through_and_usage_is_stripped_unless_asked(
-    start_fake: StartFake, start_gateway: StartGateway, http
-) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_events_pass_through_and_usage_is_stripped_unless_asked(loaded: Loaded, http) -> None:
+    a, gateway = loaded
     plain = await stream(http, gateway, "m")
     assert content(plain) == "tok0 tok1 tok2 tok3 tok4 "
     assert plain[-1] == "[DONE]"
@@ -46,11 +53,8 @@ async def test_events_pass_through_and_usage_is_stripped_unless_asked(
     assert content(asked) == content(plain)
 
 
-async def test_events_arrive_as_they_are_produced_not_buffered(
-    start_fake: StartFake, start_gateway: StartGateway, http
-) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_events_arrive_as_they_are_produced_not_buffered(loaded: Loaded, http) -> None:
+    a, gateway = loaded
     url = f"{gateway.url}/v1/chat/completions"
     # The neuron sends two tokens, then nothing more: both must reach the client while the stream is open.
     async with http.post(url, json=chat_body("m", stream=True, fake={"hang_after": 2})) as resp:
@@ -64,11 +68,8 @@ async def test_events_arrive_as_they_are_produced_not_buffered(
     await eventually(lambda: fake_log(a)["cancelled"] == 1)
 
 
-async def test_client_disconnect_cancels_the_upstream_request(
-    start_fake: StartFake, start_gateway: StartGateway, http
-) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_client_disconnect_cancels_the_upstream_request(loaded: Loaded, http) -> None:
+    a, gateway = loaded
     url = f"{gateway.url}/v1/chat/completions"
     # Streaming: the client reads one token and goes away.
     async with http.post(url, json=chat_body("m", stream=True, fake={"hang_after": 1})) as resp:
@@ -82,11 +83,8 @@ async def test_client_disconnect_cancels_the_upstream_request(
     await eventually(lambda: "error=client_disconnected" in gateway.log())
 
 
-async def test_neuron_dying_mid_stream_ends_the_stream_with_an_error_event(
-    start_fake: StartFake, start_gateway: StartGateway, http
-) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_neuron_dying_mid_stream_ends_the_stream_with_an_error_event(loaded: Loaded, http) -> None:
+    _, gateway = loaded
     events = await asyncio.wait_for(stream(http, gateway, "m", fake={"die_after": 2}), timeout=10)
     assert content(events) == "tok0 tok1 "
     error = events[-1]["error"]
@@ -116,11 +114,8 @@ async def test_a_cold_load_failing_after_keepalives_ends_with_an_error_event(
     assert "no weights found" in events[-1]["error"]["message"]
 
 
-async def test_upstream_errors_pass_through_with_status_body_and_retry_after(
-    start_fake: StartFake, start_gateway: StartGateway, http
-) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_upstream_errors_pass_through_with_status_body_and_retry_after(loaded: Loaded, http) -> None:
+    _, gateway = loaded
     url = f"{gateway.url}/v1/chat/completions"
     for streaming in (False, True):
         async with http.post(url, json=chat_body("m", stream=streaming, fake={"status": 429})) as resp:
@@ -135,9 +130,8 @@ async def test_upstream_errors_pass_through_with_status_body_and_retry_after(
             }
 
 
-async def test_completions_stream_too(start_fake: StartFake, start_gateway: StartGateway, http) -> None:
-    a = start_fake("a", devices=GPU, preloaded=["m"])
-    gateway = start_gateway({"a": a})
+async def test_completions_stream_too(loaded: Loaded, http) -> None:
+    _, gateway = loaded
     async with http.post(f"{gateway.url}/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as resp:
         events = await read_events(resp)
     assert "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"]) == (

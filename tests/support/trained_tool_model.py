@@ -71,8 +71,7 @@ def training_conversations() -> list[tuple[list[dict[str, Any]], list[dict[str, 
 
 def build_tool_calling_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """Build, train, check and save (safetensors + tokenizer) the tool-calling model in `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from cortex.neuron.engine.chat import ChatRenderer
 
@@ -90,9 +89,18 @@ def build_tool_calling_model(out: Path, *, seed: int = 0, hidden: int = 64, laye
         prompt = tuple(renderer.render(messages, tools))
         samples[prompt] = [*tokenizer.encode(reply, add_special_tokens=False), eos]
 
-    config = tiny_llama_config(tokenizer, hidden=hidden, layers=layers, context=1024)
+    return train_and_save(out, tokenizer, samples, seed=seed, hidden=hidden, layers=layers)
+
+
+def train_and_save(
+    out: Path, tokenizer: Any, samples: dict[tuple[int, ...], list[int]], *, seed: int, hidden: int, layers: int
+) -> Path:
+    """A tiny Llama trained until greedy decoding gives each prompt its reply (token ids), saved in `out`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, hidden=hidden, layers=layers, context=1024))
     _train(model, samples, torch)
     model.eval()
     _check_greedy(model, samples, tokenizer, torch)

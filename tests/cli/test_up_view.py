@@ -9,7 +9,8 @@ import re
 import pytest
 from rich.console import Console
 
-from cortex.cli.up import CliError, LoadView, check_ports, client_host, plan_neurons
+from cortex.cli.up import CliError, check_ports, client_host, plan_neurons
+from cortex.cli.up_report import LoadView
 
 
 def test_a_terminal_gets_progress_bars() -> None:
@@ -75,9 +76,9 @@ async def _report_against(gateway_lists_after_s: float, monkeypatch: pytest.Monk
 
     from aiohttp import web
 
-    from cortex.cli import up
+    from cortex.cli import up, up_report
 
-    monkeypatch.setattr(up, "UNSEEN_POLLS_LIMIT", unseen_limit)
+    monkeypatch.setattr(up_report, "UNSEEN_POLLS_LIMIT", unseen_limit)
     started = time.monotonic()
 
     async def neuron_models(_: web.Request) -> web.Response:
@@ -98,7 +99,7 @@ async def _report_against(gateway_lists_after_s: float, monkeypatch: pytest.Monk
     port = runner.addresses[0][1]
     out = io.StringIO()
     try:
-        report = up.StartupReport(
+        report = up_report.StartupReport(
             neurons=[up.LocalNeuron("local", f"127.0.0.1:{port}")],
             gateway_url=f"http://127.0.0.1:{port}",
             metrics_url=None,

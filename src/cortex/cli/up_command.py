@@ -1,7 +1,7 @@
 """`cortex up`: start a gateway and local neuron(s) on this machine, and stop them all together.
 
-The parts (port checks, neuron processes, the start-up report) live in `cli/up.py`; this is the
-command and the loop that serves the gateway until Ctrl-C or until a neuron exits.
+The parts live in `cli/up.py` (port checks, neuron processes) and `cli/up_report.py` (the start-up
+report); this is the command and the loop that serves the gateway until Ctrl-C or until a neuron exits.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def _run_until_stopped(
 ) -> int:
     import logging
 
-    from cortex.cli.up import StartupReport, client_host
+    from cortex.cli.up import client_host
+    from cortex.cli.up_report import StartupReport
     from cortex.gateway.app import serve
 
     async def main() -> int:

@@ -39,7 +39,11 @@ class Poller:
     metrics: Metrics
     # Called after each answered poll (e.g. to load models pinned on a node that came back).
     after_poll: Callable[[Node], None] | None = None
+    # Called when a node stops answering (unreachable, or polls timing out): not for an answered refusal
+    # such as a draining neuron's 503, whose requests in flight still finish there.
+    on_lost: Callable[[Node], None] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _unreachable: set[str] = field(default_factory=set)  # nodes whose last poll got no answer at all
 
     async def start(self) -> None:
         """One round for every node (so the first requests see the fleet), then the loops."""
@@ -83,12 +87,20 @@ class Poller:
             )
             parsed_health = Health.model_validate(health)
             parsed_models = parse_models(models)
-        except (NeuronUnreachable, NeuronRefused) as exc:
+        except NeuronUnreachable as exc:
+            self._unreachable.add(node.name)
+            if self._failed(node, str(exc)) and self.on_lost is not None:
+                self.on_lost(node)
+            return False
+        except NeuronRefused as exc:
+            self._unreachable.discard(node.name)
             self._failed(node, str(exc))
             return False
         except ValidationError as exc:
+            self._unreachable.discard(node.name)
             self._failed(node, f"neuron '{node.name}' answered a poll outside the contract: {_first_error(exc)}")
             return False
+        self._unreachable.discard(node.name)
         if discovery is not None:
             self.state.apply_discovery(node, discovery)
         # A load or unload this gateway made while the poll ran is newer than what it read.
@@ -106,9 +118,12 @@ class Poller:
         """A quick poll after a request failed to reach the node; marks it unreachable if it fails."""
         if await self.poll_node(node, timeout=_PROBE_TIMEOUT_S):
             return True
+        lost = node.healthy and node.name in self._unreachable
         if self.state.mark_unreachable(node, node.last_error or "unreachable"):
             log_event(log, "node.unhealthy", logging.WARNING, node=node.name, error=node.last_error)
             self.metrics.observe_node(node)
+            if lost and self.on_lost is not None:
+                self.on_lost(node)
         return False
 
     async def refresh_models(self, node: Node) -> list[ModelEntry]:
@@ -121,12 +136,15 @@ class Poller:
         self.state.apply_models(node, models)
         return models
 
-    def _failed(self, node: Node, error: str) -> None:
-        if self.state.mark_failed(node, error, self.config.unhealthy_after):
+    def _failed(self, node: Node, error: str) -> bool:
+        """Record a failed poll; True when the node just turned unhealthy."""
+        unhealthy = self.state.mark_failed(node, error, self.config.unhealthy_after)
+        if unhealthy:
             log_event(log, "node.unhealthy", logging.WARNING, node=node.name, error=error, failures=node.failures)
         elif node.failures == 1:
             log_event(log, "node.poll_failed", logging.INFO, node=node.name, error=error)
         self.metrics.observe_node(node)
+        return unhealthy
 
 
 async def _both(first: Any, second: Any) -> tuple[Any, Any]:

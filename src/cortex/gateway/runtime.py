@@ -119,6 +119,8 @@ class Gateway:
             stream_idle_timeout_s=cfg.stream_idle_timeout_s,
         )
         self.relay = Relay(self.router, upstream, self.accounting, cfg.keepalive_interval_s)
+        # A node that stops answering ends its silent requests now (retried elsewhere), not at their timeouts.
+        self.poller.on_lost = self._node_lost
         if self.load.preload_pinned:
             self.poller.after_poll = self._load_pinned
         await self.poller.start()
@@ -134,6 +136,9 @@ class Gateway:
             if job.task is not None:
                 job.task.cancel()
         await self.session.close()
+
+    def _node_lost(self, node: Node) -> None:
+        self.relay.node_lost(node.name, silent_for_s=self.poll.timeout_s)
 
     # ---- pinned models ---------------------------------------------------------------------------
     def _load_pinned(self, node: Node) -> None:

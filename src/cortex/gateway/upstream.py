@@ -12,6 +12,12 @@ A connection failure before the neuron saw the request is retried on another rep
 cold load elsewhere): inference has no side effects. The failed node is probed, and routed around
 when the probe fails too (docs/gateway.md, "Routing a request").
 
+A request that failed on a neuron before any output (relay.py decides which failures those are)
+is opened once more with `failed` naming that neuron: on another replica that has the model
+loaded; else, when the model is recovering, on the first replica that is loaded again, waiting at
+most `first_byte_timeout_s` (the client hears keep-alives meanwhile); else as after a connection
+failure (another node, a cold load there, or 502). docs/reliability.md, "Failover".
+
 Per-phase timeouts (docs/reliability.md): connecting (`connect_timeout_s`); the answer's first byte
 and, for a stream, every gap between its bytes (`stream_idle_timeout_s`); a whole non-streamed
 answer, which arrives at once when generation ends (`first_byte_timeout_s`). A neuron that does not
@@ -34,7 +40,9 @@ from yarl import URL
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import REQUEST_ID_HEADER, log_event
+from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
 from cortex.gateway.accounting import RequestRecord
+from cortex.gateway.keepalive import with_keepalive
 from cortex.gateway.neuron_client import decode, describe, plain_reason
 from cortex.gateway.router import KeepAlive, Lease, Router
 from cortex.gateway.state import Node
@@ -53,6 +61,8 @@ STREAM_ERRORS = (
 )
 
 Probe = Callable[[Node], Awaitable[bool]]
+# How often a request waiting for its model's recovery looks at the fleet state (the poller refreshes it).
+_RECOVERY_CHECK_S = 0.2
 
 
 @dataclass(slots=True)
@@ -107,6 +117,7 @@ class Upstream:
         self.session = session
         self.probe = probe
         self.nodes = nodes
+        self.first_byte_timeout_s = first_byte_timeout_s or 600.0
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=first_byte_timeout_s
         )
@@ -128,16 +139,25 @@ class Upstream:
         prefix: bytes | None = None,
         *,
         stream: bool = False,
+        failed: tuple[str, str] | None = None,
     ) -> Exchange:
         """Route (cold-loading if needed) and send; returns once the neuron's response headers arrived.
 
         `prefix`: the key of the prompt's stable beginning, for prefix affinity (affinity.py).
+        `failed`: (node, why) when this is the retry of a request that failed there before any output.
         """
         excluded: set[str] = set()
         failures: list[str] = []
         timeout = self._stream_timeout if stream else self._timeout
+        lease: Lease | None = None
+        if failed is not None:
+            failures.append(failed[1])
+            lease = await self._replacement(model_id, failed[0], keepalive, prefix)
+            if lease is None:
+                excluded.add(failed[0])
         while True:
-            lease = await self._route(model_id, keepalive, excluded, failures, prefix)
+            if lease is None:
+                lease = await self._route(model_id, keepalive, excluded, failures, prefix)
             node = lease.node
             record.node = node.name
             headers = {**self._headers[node.name], REQUEST_ID_HEADER: request_id}
@@ -151,10 +171,12 @@ class Upstream:
                     failures.append(f"neuron '{node.name}' is draining")
                     excluded.add(node.name)
                     await self.probe(node)  # its /health says draining (503): marked unhealthy, routed around
+                    lease = None
                     continue
                 return Exchange(lease, response)
             except TimeoutError as exc:  # aiohttp's ServerTimeoutError: no connection, or no answer, in time
                 lease.release()
+                lease = None
                 connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
                 waited = timeout.sock_connect if connecting else timeout.sock_read
                 failures.append(f"neuron '{node.name}' did not answer within {waited:g} s")
@@ -165,6 +187,7 @@ class Upstream:
                     raise ApiError(504, "; ".join(failures), code="upstream_timeout", retry_after=5) from None
             except CONNECTION_ERRORS as exc:
                 lease.release()
+                lease = None
                 failures.append(f"neuron '{node.name}' is unreachable: {plain_reason(exc)}")
                 log_event(log, "upstream.connect_failed", logging.WARNING, node=node.name, error=describe(exc))
                 # A stale pooled connection fails once on a live node: retry it only if it answers a probe.
@@ -175,6 +198,53 @@ class Upstream:
             except BaseException:
                 lease.release()
                 raise
+
+    async def _replacement(
+        self, model_id: str, failed: str, keepalive: KeepAlive | None, prefix: bytes | None
+    ) -> Lease | None:
+        """Where a request that failed on `failed` goes now: another loaded replica, or the model's
+        first replica loaded again after its recovery; None: route it as after a connection failure.
+
+        The failed node is probed first, so the fleet state shows what happened there (poisoned,
+        recovering, draining, gone) before anything is picked.
+        """
+        node = self.nodes.get(failed)
+        if node is not None:
+            await self.probe(node)
+        lease = self.router.pick(model_id, {failed}, prefix)
+        if lease is not None or not self._recovering(model_id):
+            return lease
+        wait = self._recovered(model_id, prefix)
+        if keepalive is None:
+            return await wait
+        return await with_keepalive(wait, self.router.keepalive_interval_s, keepalive)
+
+    def _recovering(self, model_id: str) -> bool:
+        """Whether a healthy node is reloading the model (after a device fault, or a load under way)."""
+        for node in self.nodes.values():
+            replica = node.replicas.get(model_id) if node.healthy else None
+            if replica is not None and (replica.status in RECOVERY_STATUSES or replica.status == ModelStatus.LOADING):
+                return True
+        return False
+
+    async def _recovered(self, model_id: str, prefix: bytes | None) -> Lease | None:
+        """A lease on the first replica routable again, within `first_byte_timeout_s`; 503 after it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_byte_timeout_s
+        log_event(log, "upstream.await_recovery", model=model_id, within_s=self.first_byte_timeout_s)
+        while loop.time() < deadline:
+            lease = self.router.pick(model_id, prefix=prefix)
+            if lease is not None:
+                return lease
+            if not self._recovering(model_id):
+                return None  # the recovery failed, or its node went away: route as after a failure
+            await asyncio.sleep(_RECOVERY_CHECK_S)
+        raise ApiError(
+            503,
+            f"'{model_id}' is still recovering after {self.first_byte_timeout_s:g} s; retry shortly",
+            code="model_recovering",
+            retry_after=self.router.retry_after_s,
+        )
 
     def _url(self, endpoint: str, path: str) -> URL:
         """Parsed once per neuron and path: parsing a URL string on every request is measurable."""

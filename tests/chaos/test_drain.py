@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from tests.chaos.conftest import MARGIN_S, Clock, chaos_gateway_toml, report
-from tests.support.gateway_procs import run_single_model_fleet
+from tests.support.gateway_procs import run_gateway, run_single_model_fleet
+from tests.support.procs import cpu_neuron_toml, run_neuron, wait_model_status
 
 MODEL = "tiny"
 STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "temperature": 0}
@@ -101,3 +102,96 @@ async def test_gateway_sigterm_lets_its_streams_finish(
         assert refused_while_draining(probes), probes
         assert gateway.proc.wait(timeout=MARGIN_S * 4) == 0
         report("gateway_sigterm", stream_finished_after_s=finished_after)
+
+
+# ---- the drain runs out: streams still running end with an error in their client's dialect --------------------
+
+DIALECT_STREAMS = {
+    "openai": ("/v1/chat/completions", {**STREAM, "max_tokens": 900, "stream": True}),
+    "anthropic": (
+        "/v1/messages",
+        {"model": MODEL, "max_tokens": 900, "messages": [{"role": "user", "content": "go"}], "stream": True},
+    ),
+    "responses": ("/v1/responses", {"model": MODEL, "input": "go", "max_output_tokens": 900, "stream": True}),
+}
+
+
+async def read_sse(resp: aiohttp.ClientResponse, started: asyncio.Event) -> list[tuple[str, str]]:
+    """(event name, data) of every event until the connection closes; `started` set after two data events."""
+    events: list[tuple[str, str]] = []
+    name = "message"
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, line[6:]))
+            name = "message"
+            if len(events) == 2:
+                started.set()
+    return events
+
+
+async def streams_cut_by_sigterm(
+    http: aiohttp.ClientSession, url: str, pid: int, dialects: list[str]
+) -> tuple[dict[str, list[tuple[str, str]]], float]:
+    """Start a stream per dialect through `url`, SIGTERM `pid` once each sent two events: every stream's
+    events, and the seconds from the signal until the last stream ended."""
+    started = {d: asyncio.Event() for d in dialects}
+
+    async def one(dialect: str) -> list[tuple[str, str]]:
+        path, body = DIALECT_STREAMS[dialect]
+        async with http.post(f"{url}{path}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            return await read_sse(resp, started[dialect])
+
+    async with asyncio.timeout(MARGIN_S * 6):
+        tasks = {d: asyncio.create_task(one(d)) for d in dialects}
+        await asyncio.gather(*(e.wait() for e in started.values()))
+        os.kill(pid, signal.SIGTERM)
+        clock = Clock()
+        return {d: await t for d, t in tasks.items()}, clock.elapsed()
+
+
+def openai_error_code(events: list[tuple[str, str]]) -> str | None:
+    """The code of the error event that ends an OpenAI stream ([DONE] may follow it), else None."""
+    data = [d for _, d in events if d != "[DONE]"]
+    last = json.loads(data[-1]) if data else {}
+    return last.get("error", {}).get("code") if isinstance(last, dict) else None
+
+
+async def test_gateway_sigterm_past_the_drain_ends_every_stream_with_its_dialects_error(
+    tmp_path: Path, tiny_model: Path, http: aiohttp.ClientSession
+) -> None:
+    no_drain = lambda neurons: chaos_gateway_toml(neurons, drain_timeout_s=0)  # noqa: E731
+    with run_single_model_fleet(tmp_path, MODEL, tiny_model, no_drain) as fleet:
+        gateway = fleet.gateway
+        events, ended_after = await streams_cut_by_sigterm(http, gateway.url, gateway.proc.pid, list(DIALECT_STREAMS))
+        assert gateway.proc.wait(timeout=MARGIN_S * 4) == 0
+        assert openai_error_code(events["openai"]) == "shutting_down", events["openai"][-2:]
+        name, data = events["anthropic"][-1]
+        assert name == "error" and json.loads(data)["type"] == "error", events["anthropic"][-2:]
+        name, data = events["responses"][-1]
+        assert name == "response.failed", events["responses"][-2:]
+        assert "shut down" in json.loads(data)["response"]["error"]["message"], data
+        assert "event=gateway.drain_timeout" in gateway.log()
+        report("gateway_drain_timeout_cut", streams=3, ended_after_s=ended_after)
+
+
+async def test_neuron_sigterm_past_the_drain_ends_its_streams_with_an_error_event(
+    tmp_path: Path, tiny_model: Path, http: aiohttp.ClientSession
+) -> None:
+    with run_neuron(tmp_path, "drain_timeout_s = 0\n" + cpu_neuron_toml(tiny_model, MODEL)) as neuron:
+        wait_model_status(neuron.url, MODEL)
+        with run_gateway(tmp_path, chaos_gateway_toml({"n": neuron.url}), wait_healthy=1) as gateway:
+            events, ended_after = await streams_cut_by_sigterm(
+                http, gateway.url, neuron.proc.pid, ["openai", "anthropic"]
+            )
+            assert neuron.proc.wait(timeout=MARGIN_S * 4) == 0
+            # Output had gone out: not retried; the neuron's own error event reaches the client in its dialect.
+            assert openai_error_code(events["openai"]) == "shutting_down", events["openai"][-2:]
+            assert events["openai"][-1][1] == "[DONE]"
+            name, data = events["anthropic"][-1]
+            assert name == "error" and "shut down" in json.loads(data)["error"]["message"], events["anthropic"][-2:]
+            assert "event=neuron.drain_timeout" in neuron.log()
+            report("neuron_drain_timeout_cut", streams=2, ended_after_s=ended_after)

@@ -141,10 +141,18 @@ async def serve(
         log_event(log, "gateway.stopping", in_flight=drain.in_flight, drain_timeout_s=gateway.config.drain_timeout_s)
         if not await drain.drain(gateway.config.drain_timeout_s):
             log_event(log, "gateway.drain_timeout", logging.WARNING, cut=drain.in_flight)
+            # What is still running ends with an error in its client's dialect, not a bare close.
+            gateway.relay.cut_all(SHUTTING_DOWN)
+            await drain.drain(CUT_GRACE_S)
         for runner in runners:
             await runner.cleanup()
         await gateway.stop()
         log_event(log, "gateway.stopped")
+
+
+# The error a request still running at the end of the drain gets; the time its handler has to send it.
+SHUTTING_DOWN = ApiError(503, "the gateway shut down before the answer was complete; retry", code="shutting_down")
+CUT_GRACE_S = 2.0
 
 
 def run(fleet: FleetConfig) -> None:

@@ -55,7 +55,7 @@ class NeuronState:
         self.hardware = hardware
         self.lifecycle = Lifecycle(config, hardware, engine)
         self.requests = RequestMapper(self.lifecycle)
-        self.inference = Inference(self.lifecycle)
+        self.inference = Inference(self.lifecycle, config.stream_keepalive_s)
         self.started = time.monotonic()
 
 

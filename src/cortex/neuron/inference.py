@@ -7,6 +7,12 @@ on the device worker (`LoadedModel.generate`), turns a device fault into a 503 f
 
 `n > 1`: the first choice starts alone; the others start once it has produced output, so their
 prompt's KV blocks come from the prefix cache instead of being computed n times.
+
+A stream sends an SSE comment every `stream_keepalive_s` until its first output (a long prompt's
+prefill), so no proxy, and not the gateway's `stream_idle_timeout_s`, takes the silence for a dead
+connection; once output flows, a silent gap means trouble again. When the drain on SIGTERM runs
+out, `cut_all` ends what still runs with a 503 `shutting_down`: an error event and `[DONE]` for a
+stream (the gateway retries it elsewhere when it had no output yet), never a bare close.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from aiohttp import web
 
 from cortex.core.errors import ApiError, bad_request
 from cortex.core.logs import log_event
-from cortex.core.sse import DONE, SSE_HEADERS, encode_data
+from cortex.core.sse import DONE, KEEPALIVE, SSE_HEADERS, encode_data
 from cortex.neuron.engine.grammar import validate_off_loop
 from cortex.neuron.engine.logprobs import TokenLogprob
 from cortex.neuron.engine.types import (
@@ -42,19 +48,52 @@ from cortex.neuron.requests import Job, RequestMapper
 log = logging.getLogger("cortex.neuron.inference")
 
 
+# Until a stream's first output: an SSE comment this often (neuron.toml `stream_keepalive_s`).
+DEFAULT_KEEPALIVE_S = 5.0
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the neuron shut down before the answer was complete; retry", code="shutting_down")
+
+
 class Inference:
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self.lifecycle = lifecycle
+        self.keepalive_s = keepalive_s
+        self._running: set[asyncio.Task[Any]] = set()  # the handlers of requests in flight, for `cut_all`
+        self._cutting = False
+
+    def cut_all(self) -> int:
+        """End every request in flight with 503 `shutting_down` (the drain ran out); how many there were."""
+        self._cutting = True
+        for task in self._running:
+            task.cancel()
+        return len(self._running)
+
+    def _cut(self) -> bool:
+        """Whether the cancellation being handled is `cut_all`'s (then it is taken back)."""
+        task = asyncio.current_task()
+        return self._cutting and task is not None and task.uncancel() == 0
 
     async def run(self, job: Job, request: web.Request) -> web.StreamResponse:
-        async with _fault_guard(self.lifecycle, job):
-            # Once: the engine does not check it again. A grammar compiles on a thread, off this loop.
-            job.budget = await validate_off_loop(job.model.validate, job.generation)
-        async with job.slot.admission.slot():
-            job.slot.last_used = time.time()
-            if job.stream:
-                return await self._stream(job, request)
-            return await self._complete(job)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            async with _fault_guard(self.lifecycle, job):
+                # Once: the engine does not check it again. A grammar compiles on a thread, off this loop.
+                job.budget = await validate_off_loop(job.model.validate, job.generation)
+            async with job.slot.admission.slot():
+                job.slot.last_used = time.time()
+                if job.stream:
+                    return await self._stream(job, request)
+                return await self._complete(job)
+        except asyncio.CancelledError:
+            if self._cut():
+                raise shutting_down() from None
+            raise
+        finally:
+            self._running.discard(task)  # type: ignore[arg-type]
 
     def _events(self, job: Job) -> AsyncIterator[tuple[int, OutputEvent]]:
         return choice_events(job)
@@ -91,14 +130,25 @@ class Inference:
         try:
             async with _fault_guard(self.lifecycle, job):
                 await response.write(b"".join(w.first() for w in writers))
-                async for index, event in events:
+                first = await self._first_event(events, response)
+                if first is not None:
+                    index, event = first
                     await response.write(writers[index].event(event))
                     if isinstance(event, Finished):
                         finishes.append(event)
+                    async for index, event in events:
+                        await response.write(writers[index].event(event))
+                        if isinstance(event, Finished):
+                            finishes.append(event)
                 if job.n > 1 and job.include_usage:
                     await response.write(writers[0].usage(finishes))
         except ApiError as exc:  # fault mid-stream: the client gets an error event, then the end
             await _write_quietly(response, encode_data(exc.openai_body()) + DONE)
+            return response
+        except asyncio.CancelledError:
+            if not self._cut():
+                raise
+            await _write_quietly(response, encode_data(shutting_down().openai_body()) + DONE)
             return response
         except ConnectionResetError:
             log_event(log, "request.client_gone", model=job.model_id)
@@ -107,6 +157,30 @@ class Inference:
             await events.aclose()
         await _write_quietly(response, DONE)
         return response
+
+    async def _first_event(
+        self, events: AsyncIterator[tuple[int, OutputEvent]], response: web.StreamResponse
+    ) -> tuple[int, OutputEvent] | None:
+        """The stream's first event (None: it ended), with a keep-alive comment every `keepalive_s` until then.
+
+        Only the wait for the first output is timed this way: later events come from the same
+        iterator directly, as a timer per token would cost more than it says.
+        """
+        step: asyncio.Future[tuple[int, OutputEvent]] = asyncio.ensure_future(anext(events))
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=self.keepalive_s)
+                if done:
+                    try:
+                        return step.result()
+                    except StopAsyncIteration:
+                        return None
+                await response.write(KEEPALIVE)
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await step
 
 
 class _Choice:

@@ -21,6 +21,9 @@ from cortex.neuron.versions import version_info
 
 log = logging.getLogger("cortex.neuron")
 
+# After the drain ran out: how long the requests it cut have to send their error.
+CUT_GRACE_S = 2.0
+
 
 def start_default_models(state: NeuronState) -> None:
     for model in state.config.models_to_load():
@@ -70,6 +73,9 @@ async def serve(config: NeuronConfig) -> None:
         log_event(log, "neuron.stopping", in_flight=app[DRAIN].in_flight, drain_timeout_s=config.drain_timeout_s)
         if not await app[DRAIN].drain(config.drain_timeout_s):
             log_event(log, "neuron.drain_timeout", logging.WARNING, cut=app[DRAIN].in_flight)
+            # What still runs ends with a 503 `shutting_down` (an error event for a stream), not a bare close.
+            state.inference.cut_all()
+            await app[DRAIN].drain(CUT_GRACE_S)
         await runner.cleanup()
         await state.lifecycle.close()
         state.requests.close()

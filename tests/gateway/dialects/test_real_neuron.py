@@ -232,3 +232,27 @@ def test_a_bad_custom_grammar_is_a_400_in_openais_envelope(real_fleet: RealFleet
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input="x", tools=[bad], tool_choice="required", stream=stream)
     assert "does not compile" in caught.value.message, caught.value.message
+
+
+def test_anthropic_client_run_bash_tool_gets_its_schema_and_server_tools_a_400(real_fleet: RealFleet) -> None:
+    client = anthropic.Anthropic(base_url=real_fleet.gateway.url, api_key="unused", max_retries=0, timeout=120)
+    messages: Any = [{"role": "user", "content": "List the files."}]
+    bash: Any = {"type": "bash_20250124", "name": "bash"}
+    message = client.messages.create(
+        model=MODEL, max_tokens=60, messages=messages, tools=[bash], tool_choice={"type": "tool", "name": "bash"}
+    )
+    calls = [block for block in message.content if block.type == "tool_use"]
+    assert calls and calls[0].name == "bash" and message.stop_reason == "tool_use"
+    assert isinstance(calls[0].input, dict) and set(calls[0].input) <= {"command", "restart"}
+    search: Any = {"type": "web_search_20250305", "name": "web_search"}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=MODEL, max_tokens=8, messages=messages, tools=[bash, search])
+    assert "'web_search_20250305'" in caught.value.message
+    optional = client.messages.create(
+        model=MODEL,
+        max_tokens=4,
+        messages=messages,
+        tools=[bash, search],
+        extra_headers={"X-Cortex-Optional-Tools": "web_search"},
+    )
+    assert optional.stop_reason in ("end_turn", "max_tokens", "tool_use")

@@ -97,6 +97,8 @@ class Listing:
             # Where clients look: vLLM's `max_model_len`, OpenRouter's `supported_parameters` (docs/clients.md).
             "max_model_len": max(contexts) if contexts else None,
             "tool_call": any(r.tool_call for r in replicas),
+            # How tools reach the model: its template's own format, or the neuron's generic one (docs/dialects.md).
+            "tool_call_format": next((r.tool_call_format for r in replicas if r.tool_call_format), None),
             "supported_parameters": _SUPPORTED + (_TOOLS if any(r.tool_call for r in replicas) else []),
             "in_catalogue": spec is not None,
             "pinned_on": spec.pinned_on if spec is not None else [],

@@ -41,6 +41,7 @@ class Replica:
     context: int | None = None
     harness: str | None = None
     tool_call: bool = False
+    tool_call_format: str | None = None  # the neuron's tool mode: "native:<syntax>" or "generic"
     load_progress: float | None = None  # 0..1 while loading
     load_stage: str | None = None
     error: str | None = None
@@ -196,6 +197,7 @@ class FleetState:
         replica.context = entry.limit.context or None
         replica.harness = entry.harness
         replica.tool_call = entry.tool_call
+        replica.tool_call_format = entry.tool_call_format
         replica.load_progress, replica.load_stage = entry.progress()
         replica.error = entry.error_text()
         if replica.last_used == 0.0:

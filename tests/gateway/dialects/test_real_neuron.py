@@ -71,6 +71,12 @@ def test_claude_code_request_through_a_real_template(real_fleet: RealFleet) -> N
     assert delta["usage"]["input_tokens"] > 800 and delta["usage"]["output_tokens"] > 0
 
 
+def test_models_list_reports_the_tool_mode(real_fleet: RealFleet) -> None:
+    with urllib.request.urlopen(f"{real_fleet.gateway.url}/v1/models", timeout=30) as response:
+        entries = json.loads(response.read())["data"]
+    assert [e["tool_call_format"] for e in entries if e["id"] == MODEL] == ["native:hermes"]
+
+
 def test_count_tokens_uses_the_models_tokenizer(real_fleet: RealFleet) -> None:
     client = anthropic.Anthropic(base_url=real_fleet.gateway.url, api_key="unused", max_retries=0)
     short = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])

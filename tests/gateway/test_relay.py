@@ -6,16 +6,21 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from cortex.core.catalogue import Catalogue, CatalogueModel
 from cortex.core.errors import ApiError
 from cortex.core.gateway_config import GatewayConfig, fleet_config_from
 from cortex.core.logs import request_id_var
+from cortex.core.sse import DONE, KEEPALIVE, encode_data, event_data
 from cortex.gateway.relay import chunks, stream_body
 from cortex.gateway.runtime import Gateway
+from tests.support.fake_neuron import build_app as build_fake_app
 from tests.support.gateway_client import StartFake, fake_log, metric_value
 from tests.support.gateway_procs import eventually
+from tests.support.procs import free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
@@ -138,3 +143,98 @@ def test_every_stream_asks_for_usage_keeping_the_clients_options() -> None:
     assert sent["model"] == "m" and sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True, "x": 1}
     assert stream_body({"model": "m", "messages": MESSAGES}, "m")["stream_options"] == {"include_usage": True}
+
+
+# ---- a long prefill: the neuron's keep-alive comments, and the first-output bound ---------------------------------
+
+
+@web.middleware
+async def long_prefill(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A neuron whose stream answers its opening chunk, then prefills for `prefill_s` (sending an SSE comment
+    every `keepalive_s`, when given, as real neurons do), then one token."""
+    if request.path != CHAT:
+        return await handler(request)
+    body = await request.json()
+    plan = body.get("prefill") or {}
+    if not plan:
+        return await handler(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    head = {"id": "chatcmpl-prefill", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    await response.write(encode_data({**head, "choices": [opening]}))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + plan["prefill_s"]
+    while loop.time() < end:
+        await asyncio.sleep(plan.get("keepalive_s") or plan["prefill_s"])
+        if plan.get("keepalive_s"):
+            await response.write(KEEPALIVE)
+    token = {"index": 0, "delta": {"content": "prefilled"}, "finish_reason": "stop"}
+    await response.write(encode_data({**head, "choices": [token]}) + DONE)
+    return response
+
+
+@pytest.fixture
+async def prefilling() -> AsyncIterator[Gateway]:
+    """A gateway whose stream idle timeout (0.5 s) is shorter than the neuron's prefills, and first-output bound 3 s."""
+    app = build_fake_app({"name": "a", "devices": [{"vram_total_mb": 10000}], "preloaded": ["m"]})
+    app.middlewares.append(long_prefill)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = GatewayConfig.model_validate(
+        {
+            "gateway": {
+                "keepalive_interval_s": 0.1,
+                "metrics_listen": None,
+                "stream_idle_timeout_s": 0.5,
+                "first_byte_timeout_s": 3,
+            },
+            "poll": {"interval_s": 0.2},
+            "neurons": [{"name": "a", "endpoint": f"http://127.0.0.1:{port}"}],
+        }
+    )
+    gw = Gateway(fleet_config_from(config, Catalogue(models=[CatalogueModel(id="m")])))
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
+async def relayed(gw: Gateway, prefill: dict[str, float]) -> tuple[list[bytes], int]:
+    """The events a stream yields, and how often the client was kept alive meanwhile."""
+    pings = 0
+
+    async def keepalive() -> None:
+        nonlocal pings
+        pings += 1
+
+    body = {"model": "m", "messages": MESSAGES, "prefill": prefill}
+    async with gw.relay.stream("/v1/chat/completions", "m", CHAT, body, keepalive=keepalive) as events:
+        return [event async for event in events], pings
+
+
+async def test_a_prefill_longer_than_the_idle_timeout_survives_on_the_neurons_keepalives(prefilling) -> None:
+    events, pings = await relayed(prefilling, {"prefill_s": 1.5, "keepalive_s": 0.1})
+    assert [orjson.loads(event_data(e) or b"{}")["choices"][0]["delta"] for e in events] == [
+        {"role": "assistant", "content": ""},
+        {"content": "prefilled"},
+    ]
+    assert pings > 0  # the client heard the gateway's own keep-alives; the neuron's comments never reach it
+
+
+async def test_a_silent_prefill_is_cut_at_the_idle_timeout(prefilling) -> None:
+    with pytest.raises(ApiError) as err:
+        await relayed(prefilling, {"prefill_s": 1.5})
+    # Before any output: retried once, and with no other replica, a clear 502 naming the silence.
+    assert err.value.status == 502
+    assert "did not answer" in err.value.message or "stopped" in err.value.message
+
+
+async def test_keepalives_alone_do_not_hold_a_stream_past_the_first_output_bound(prefilling) -> None:
+    with pytest.raises(ApiError) as err:
+        await relayed(prefilling, {"prefill_s": 30, "keepalive_s": 0.1})
+    assert (err.value.status, err.value.code) == (504, "upstream_timeout")

@@ -416,3 +416,31 @@ def test_claude_code_request_translates_completely() -> None:
     }
     assert chat["messages"][5] == {"role": "system", "content": "The user switched to plan mode."}
     assert chat["messages"][7] == {"role": "system", "content": "Reminder: be brief."}
+
+
+def test_top_p_zero_is_the_top_token_alone() -> None:
+    chat = translate(top_p=0, temperature=0.5)
+    assert "top_p" not in chat and chat["top_k"] == 1
+
+
+def test_search_result_blocks_are_text_with_their_source() -> None:
+    result = {
+        "type": "search_result",
+        "source": "https://example.com/doc",
+        "title": "Doc",
+        "content": [{"type": "text", "text": "Paris is the capital."}],
+        "citations": {"enabled": True},
+    }
+    chat = translate(
+        messages=[
+            {"role": "user", "content": [result, {"type": "text", "text": "What is the capital?"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [result]}]},
+        ]
+    )
+    text = "Search result: Doc (https://example.com/doc)\nParis is the capital."
+    assert chat["messages"][0]["content"] == [
+        {"type": "text", "text": text},
+        {"type": "text", "text": "What is the capital?"},
+    ]
+    assert chat["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": text}

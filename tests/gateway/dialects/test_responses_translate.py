@@ -142,8 +142,19 @@ def test_tools_flat_to_nested_and_tool_choice() -> None:
     assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
     forced = translate(tools=[WEATHER_TOOL], tool_choice={"type": "function", "name": "weather"})
     assert forced["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
-    allowed = translate(tools=[WEATHER_TOOL], tool_choice={"type": "allowed_tools", "mode": "required", "tools": []})
+    other = {**WEATHER_TOOL, "name": "news"}
+    subset = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "weather"}]}
+    allowed = translate(tools=[WEATHER_TOOL, other], tool_choice=subset)
     assert allowed["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in allowed["tools"]] == ["weather"]  # the model sees only the subset
+    namespaced = {
+        "type": "allowed_tools",
+        "mode": "auto",
+        "tools": [{"type": "custom", "name": "tell", "namespace": "multi_agent_v1"}],
+    }
+    assert [t["custom"]["name"] for t in translate(tools=[WEATHER_TOOL, AGENTS], tool_choice=namespaced)["tools"]] == [
+        "multi_agent_v1__tell"
+    ]
 
 
 def test_text_format_becomes_response_format() -> None:
@@ -187,6 +198,15 @@ def test_unknown_fields_are_ignored() -> None:
         ({"input": "x", "tools": [{"type": "code_interpreter", "container": {}}]}, "tools[0].type", "OpenAI's servers"),
         ({"input": "x", "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools", "two tools are called 'weather'"),
         ({"input": "x", "tools": [{"type": "shell"}]}, "tools[0].type", "declare it as a function or custom tool"),
+        (
+            {
+                "input": "x",
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []},
+            },
+            "tool_choice.tools",
+            "none of the request's tools",
+        ),
         (
             {"input": "x", "tool_choice": {"type": "custom", "name": "nope"}, "tools": [WEATHER_TOOL]},
             "tool_choice",

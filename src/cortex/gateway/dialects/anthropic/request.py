@@ -79,6 +79,19 @@ class DocumentBlock(_Lenient):
         return self.source.data
 
 
+class SearchResultBlock(_Lenient):
+    """A search result the application found (its own RAG), given to the model as text with its source."""
+
+    type: Literal["search_result"]
+    source: str
+    title: str = ""
+    content: list[TextBlock] = Field(default_factory=list)
+
+    def text(self) -> str:
+        head = f"Search result: {self.title} ({self.source})" if self.title else f"Search result: {self.source}"
+        return "\n".join([head, *(block.text for block in self.content)])
+
+
 class ToolUseBlock(_Lenient):
     type: Literal["tool_use"]
     id: str
@@ -86,7 +99,9 @@ class ToolUseBlock(_Lenient):
     input: dict[str, Any] = Field(default_factory=dict)
 
 
-ToolResultContentBlock = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
+ToolResultContentBlock = Annotated[
+    TextBlock | ImageBlock | DocumentBlock | SearchResultBlock, Field(discriminator="type")
+]
 
 
 class ToolResultBlock(_Lenient):
@@ -110,7 +125,14 @@ class RedactedThinkingBlock(_Lenient):
 
 
 ContentBlock = Annotated[
-    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | SearchResultBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock,
     Field(discriminator="type"),
 ]
 
@@ -198,8 +220,8 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    # The neuron's sampler needs a non-empty nucleus: refused here, in Anthropic's envelope.
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # 0 is an empty nucleus, which the neuron's sampler refuses: it becomes top_k 1 (the top token only).
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
 
@@ -247,6 +269,7 @@ __all__ = [
     "InputMessage",
     "MessagesRequest",
     "RedactedThinkingBlock",
+    "SearchResultBlock",
     "TextBlock",
     "ThinkingBlock",
     "ThinkingConfig",

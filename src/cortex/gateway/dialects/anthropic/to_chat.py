@@ -26,6 +26,7 @@ from cortex.gateway.dialects.anthropic.request import (
     InputMessage,
     MessagesRequest,
     RedactedThinkingBlock,
+    SearchResultBlock,
     TextBlock,
     ThinkingBlock,
     ToolChoice,
@@ -66,6 +67,9 @@ def _add_sampling(body: dict[str, Any], req: MessagesRequest) -> None:
         value = getattr(req, name)
         if value is not None:
             body[name] = value
+    if req.top_p == 0:  # the smallest nucleus there is: the most likely token alone
+        del body["top_p"]
+        body["top_k"] = 1
     if req.stop_sequences:
         body["stop"] = list(req.stop_sequences)
     if req.metadata is not None and req.metadata.user_id:
@@ -157,7 +161,7 @@ def _user_parts(blocks: list[Any], position: int, role: str) -> list[Part]:
     for block in blocks:
         if isinstance(block, TextBlock):
             parts.append(_text_part(block.text))
-        elif isinstance(block, DocumentBlock):
+        elif isinstance(block, DocumentBlock | SearchResultBlock):
             parts.append(_text_part(block.text()))
         elif isinstance(block, ImageBlock):
             if role == "system":

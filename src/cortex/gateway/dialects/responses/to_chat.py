@@ -45,7 +45,10 @@ def new_response_id() -> str:
 
 def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"model": req.model, "messages": to_chat_messages(req)}
-    tools = [to_chat_tool(t, ns) for ns, t in req.client_tools()]
+    allowed = allowed_tools(req.tool_choice)
+    tools = [to_chat_tool(t, ns) for ns, t in req.client_tools() if allowed is None or (ns, t.name) in allowed]
+    if allowed is not None and not tools:
+        raise bad_request("tool_choice.tools names none of the request's tools", param="tool_choice.tools")
     if tools:
         body["tools"] = tools
         if req.tool_choice is not None:
@@ -67,6 +70,24 @@ def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     if req.stream:
         body["stream"] = True
     return body
+
+
+def allowed_tools(choice: str | dict[str, Any] | None) -> set[tuple[str | None, str]] | None:
+    """The (namespace, name) pairs `tool_choice: {"type": "allowed_tools", "tools": [...]}` permits, or None.
+
+    The neuron has no per-request filter, so the model is shown only the permitted tools: a call can
+    then only be to one of them (calls are decoded under a grammar of the tools listed)."""
+    if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
+        return None
+    permitted = choice.get("tools")
+    if not isinstance(permitted, list):
+        raise bad_request("tool_choice.tools must be a list of tools", param="tool_choice.tools")
+    names: set[tuple[str | None, str]] = set()
+    for entry in permitted:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad_request("each allowed tool needs its 'type' and 'name'", param="tool_choice.tools")
+        names.add((entry.get("namespace"), entry["name"]))
+    return names
 
 
 def to_chat_tool(tool: ClientTool, namespace: str | None = None) -> dict[str, Any]:
@@ -97,8 +118,7 @@ def to_chat_tool_choice(choice: str | dict[str, Any], req: ResponsesRequest | No
         if req is not None and name not in req.tool_names():
             raise bad_request(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
         return {"type": kind, kind: {"name": name}}
-    if kind == "allowed_tools":
-        # The neuron cannot restrict to a subset; the mode is what it can honour.
+    if kind == "allowed_tools":  # the subset is applied to the tools listed (`allowed_tools`)
         return "required" if choice.get("mode") == "required" else "auto"
     raise bad_request(f"tool_choice of type {kind!r} is not supported; use a function tool", param="tool_choice")
 

@@ -209,6 +209,48 @@ def test_custom_tool_grammars(tokenizer: Any, mode: str) -> None:
     assert accepts(tools, named, call("apply_patch", "ADD z")) and not accepts(tools, named, call("note", "x"))
 
 
+# A patch grammar in the style agents ship (Codex's apply_patch): rules with literals, `%import common.LF`,
+# regex terminals inside rules, an alias (`-> line`), optional parts, a trailing LF? after the last line.
+EDIT_LARK = r"""start: open_edit file_op+ close_edit
+open_edit: "*** Begin Edit" LF
+close_edit: "*** End Edit" LF?
+
+file_op: create_op | drop_op | change_op
+create_op: "*** Create: " path LF plus_line+
+drop_op: "*** Drop: " path LF
+change_op: "*** Change: " path LF rename? hunk?
+
+path: /(.+)/
+plus_line: "+" /(.*)/ LF -> line
+rename: "*** Rename to: " path LF
+hunk: (marker | edit_line)+
+marker: ("@@" | "@@ " /(.+)/) LF
+edit_line: ("+" | "-" | " ") /(.*)/ LF
+
+%import common.LF
+"""
+
+
+def test_an_agent_style_patch_grammar_compiles_and_constrains(tokenizer: Any) -> None:
+    compiler = GrammarCompiler(tokenizer, {tokenizer.eos_token_id})
+    tool = {
+        "type": "custom",
+        "custom": {"name": "edit", "format": {"type": "grammar", "syntax": "lark", "definition": EDIT_LARK}},
+    }
+
+    def accepts(text: str) -> bool:
+        grammar = tool_grammar([tool], "required", "generic")
+        assert grammar is not None
+        matcher = compiler.compile(grammar).matcher()
+        call = f'<tool_call>\n{{"name": "edit"}}\n<input>\n{text}\n</input>\n</tool_call>'
+        return all(matcher.advance(t) for t in tokenizer.encode(call, add_special_tokens=False)) and matcher.accepting
+
+    edit = "*** Begin Edit\n*** Change: src/a.py\n@@ def f():\n-    x = 1\n+    x = 2\n"
+    edit += "*** Create: b.txt\n+hi\n*** End Edit"
+    assert accepts(edit)
+    assert not accepts("*** Begin Edit\n*** Remove: a.py\n*** End Edit")
+
+
 def test_custom_tools_in_the_generic_prompt(tokenizer: Any) -> None:
     messages = [*LOOP[:2], {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]}]
     text = ChatRenderer(tokenizer).render_text([*messages, {"role": "tool", "content": "patched"}], [WEATHER, PATCH])

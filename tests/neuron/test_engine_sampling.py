@@ -87,7 +87,7 @@ def test_invalid_parameters(params: dict[str, object]) -> None:
 def test_sampling_defaults_come_from_generation_config() -> None:
     from types import SimpleNamespace
 
-    from cortex.neuron.engine.engine import generation_defaults
+    from cortex.neuron.engine.model import generation_defaults
 
     greedy = SimpleNamespace(generation_config=SimpleNamespace(do_sample=False, temperature=0.7))
     assert generation_defaults(greedy) == {"temperature": 0.0}

@@ -4,8 +4,9 @@ The neuron's HTTP layer uses `Engine` to load models and `LoadedModel` to render
 and parse tool calls / reasoning out of the output. See docs/engine.md for the design.
 """
 
-from .engine import Engine, LoadedModel
+from .engine import Engine
 from .memory import KVBudget
+from .model import LoadedModel
 from .reasoning import ReasoningParser
 from .tools import ToolCallParser, parse_tool_calls
 from .types import (

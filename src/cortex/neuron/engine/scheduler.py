@@ -7,9 +7,9 @@ interleaves between steps. Each step:
    blocks), in arrival order, and drops cancelled ones (their blocks go back to the pool);
 2. gives every decoding sequence a slot for its next token, preempting the youngest running sequence
    when the pool is full (it goes back to the front of the queue and is recomputed later, never dropped);
-3. runs ONE forward over a packed batch: one token per decoding sequence, then prefill chunks of
-   the others within a per-step token budget, so a long prompt never stalls running streams for
-   more than one step;
+3. runs ONE forward over a packed batch (built and run by step.py): one token per decoding sequence,
+   then prefill chunks of the others within a per-step token budget, so a long prompt never stalls
+   running streams for more than one step;
 4. samples all rows that reached the end of their known tokens in one vectorised pass, copies the
    sampled tokens to the host in one transfer (the only sync of the step), and turns them into text
    events on the host, handed to the event loop.
@@ -32,14 +32,13 @@ from typing import Any
 
 import torch
 
-from .attention import AttentionContext, PrefillChunk, prefix_mask
 from .blocks import BlockManager
-from .grammar import CompiledGrammar, Grammar, TokenMask, compiler_for, json_object, warm_up
-from .logprobs import MAX_TOP_LOGPROBS, step_logprobs, unpack
-from .runner import ModelRunner, StepBatch
-from .sampling import RowParams, SamplingBatch, validate_sampling
+from .grammar import CompiledGrammar, Grammar, compiler_for, json_object, warm_up
+from .logprobs import MAX_TOP_LOGPROBS
+from .runner import ModelRunner
+from .sampling import validate_sampling
 from .sequence import Delivery, Sequence, deliver_many
-from .staging import StepStaging
+from .step import StepExecutor, Work
 from .types import DeviceFault, EngineError, GenerationRequest
 from .worker import DeviceWorker, WorkerClosed
 
@@ -47,26 +46,12 @@ log = logging.getLogger(__name__)
 
 MAX_RUNNING = 256  # a sanity cap on one batch; the KV pool is the real bound
 MIN_PREFILL_TOKENS = 16  # prefill makes progress even when decode rows use up the step budget
-_NO_BLOCKS = torch.empty(0, dtype=torch.long)  # a prefill chunk's block ids until the step's upload
 
 
 @dataclass(frozen=True)
 class SchedulerOptions:
     max_active: int | None = None  # optional cap on running sequences; None: as many as the KV pool holds
     step_tokens: int = 256  # tokens computed per step: one per decoding sequence plus prefill chunks
-
-
-@dataclass
-class Work:
-    """One sequence's part of a step: tokens[start:start + count] are computed; it samples if that ends them."""
-
-    sequence: Sequence
-    start: int
-    count: int
-
-    @property
-    def samples(self) -> bool:
-        return self.start + self.count == len(self.sequence.tokens)
 
 
 class DecodeRate:
@@ -105,8 +90,7 @@ class Scheduler:
         self._context_length = context_length
         self._options = options
         self._vocab = runner.vocab_size
-        self._mask = TokenMask(runner.device)  # grammar-constrained rows (JSON, schemas, grammars, tool calls)
-        self._staging = StepStaging(runner.device)  # a step's integer inputs in one host-to-device copy
+        self._steps = StepExecutor(runner.device, blocks, tokenizer)  # packs, runs and samples each step
         warm_up(tokenizer, eos_ids, self._vocab)  # the grammar compiler for this vocabulary, off the loop
         self._inbox: deque[Sequence] = deque()  # loop → worker hand-over (deque append/popleft are atomic)
         self._waiting: deque[Sequence] = deque()  # worker only: not holding blocks (new or preempted)
@@ -217,7 +201,7 @@ class Scheduler:
         if self._runner is not None:
             self._runner.release()
         self._runner = None
-        self._staging.release()
+        self._steps.release()
 
     def _step(self) -> None:
         self.steps += 1
@@ -335,116 +319,14 @@ class Scheduler:
     def _execute(self, work: list[Work]) -> list[tuple[Work, int | EngineError | None]]:
         """Forward + sample: each item's sampled token id (None if it did not sample), or its EngineError."""
         try:
-            tokens = self._forward_and_sample(work)
+            assert self._runner is not None
+            tokens = self._steps.run(self._runner, work)
         except EngineError as exc:
             if len(work) == 1:
                 return [(work[0], exc)]
             # Whose fault? Re-run each part alone (rewriting the same KV slots is harmless).
             return [outcome for item in work for outcome in self._execute([item])]
         return list(zip(work, tokens, strict=True))
-
-    def _forward_and_sample(self, work: list[Work]) -> list[int | None]:
-        """The sampled token of each item, aligned with `work` (None where it did not sample)."""
-        assert self._runner is not None and self._runner.kv is not None
-        runner = self._runner
-        device = runner.device
-        block_size = self.blocks.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        keep: list[int] = []
-        samplers: list[Sequence] = []
-        sampler_items: list[int] = []  # index in `work` of each sampling row
-        decode = [item for item in work if item.count == 1 and item.samples]
-        tables: list[list[int]] = []
-        for index, item in enumerate(work):
-            if not (item.count == 1 and item.samples):
-                continue
-            sequence, position = item.sequence, item.start
-            keep.append(len(ids))
-            samplers.append(sequence)
-            sampler_items.append(index)
-            ids.append(sequence.tokens[position])
-            positions.append(position)
-            blocks = sequence.table.blocks
-            slots.append(blocks[position // block_size] * block_size + position % block_size)
-            tables.append(blocks)
-        prefills: list[PrefillChunk] = []
-        chunk_blocks: list[list[int]] = []
-        for index, item in enumerate(work):
-            if item.count == 1 and item.samples:
-                continue
-            sequence, start, count = item.sequence, item.start, item.count
-            blocks = sequence.table.blocks
-            q_start, kv_len = len(ids), start + count
-            ids.extend(sequence.tokens[start:kv_len])
-            positions.extend(range(start, kv_len))
-            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, kv_len))
-            chunk_blocks.append(blocks[: self.blocks.blocks_for(kv_len)])
-            mask = None if start == 0 else prefix_mask(count, kv_len, device)
-            prefills.append(PrefillChunk(q_start, count, kv_len, _NO_BLOCKS, mask))
-            if item.samples:
-                keep.append(len(ids) - 1)
-                samplers.append(sequence)
-                sampler_items.append(index)
-        # Every integer input of the step in one host buffer and ONE copy to the device (staging.py):
-        # ids, positions, slots, keep, then the decode rows' context lengths and padded block tables,
-        # then each prefill chunk's block ids.
-        tokens, n = len(ids), len(decode)
-        if not keep:
-            keep = [tokens - 1]
-        width = max((len(t) for t in tables), default=0)
-        flat = ids + positions + slots + keep + [p + 1 for p in positions[:n]]
-        for t in tables:
-            flat += t
-            flat += [0] * (width - len(t))
-        for chunk_ids in chunk_blocks:
-            flat += chunk_ids
-        packed = self._staging.upload(flat)
-        at = at0 = 3 * tokens + len(keep)
-        context = AttentionContext(runner.kv, packed[2 * tokens : 3 * tokens], num_decode=n, prefills=prefills)
-        if decode:
-            context.context_lens = packed[at : at + n]
-            context.block_tables = packed[at + n : at + n + n * width].view(n, width)
-        at += n + n * width
-        for chunk, chunk_ids in zip(prefills, chunk_blocks, strict=True):
-            chunk.block_ids = packed[at : at + len(chunk_ids)]
-            at += len(chunk_ids)
-        # Every row samples in one batched pass; constrained rows first get their grammar's token mask.
-        sampling = SamplingBatch([self._row(s) for s in samplers], device) if samplers else None
-        batch = StepBatch(packed[:tokens][None], packed[tokens : 2 * tokens][None], packed[3 * tokens : at0], context)
-        logits = runner.forward(batch)
-        result: list[int | None] = [None] * len(work)
-        if not samplers:
-            return result
-        assert sampling is not None
-        constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
-        if constrained:
-            logits = self._mask.apply(logits.float(), constrained)
-        chosen = sampling.sample(logits)
-        for row, sequence in enumerate(samplers):
-            sequence.record(chosen[row : row + 1])
-        tops = [s.params.logprobs for s in samplers]
-        wanted = [t for t in tops if t is not None]
-        scores = None
-        if wanted:  # from the distribution sampled from: penalties, mask and temperature applied
-            temperatures = [s.params.temperature for s in samplers]
-            assert sampling.penalised_logits is not None
-            scores = step_logprobs(sampling.penalised_logits, chosen, temperatures, max(wanted))
-        host: list[int] = chosen.tolist()  # the one host sync of the step
-        if scores is not None:
-            for sequence, token, row, top in zip(samplers, host, scores.tolist(), tops, strict=True):
-                sequence.next_logprob = unpack(token, row, top, self._decode_each) if top is not None else None
-        for i, index in enumerate(sampler_items):
-            result[index] = host[i]
-        return result
-
-    def _decode_each(self, ids: list[int]) -> list[str]:
-        """Each token's own text (logprobs name the tokens they score)."""
-        return list(self._tokenizer.batch_decode([[i] for i in ids]))
-
-    def _row(self, sequence: Sequence) -> RowParams:
-        return RowParams(sequence.params, sequence.seed, len(sequence.tokens), sequence.seen, sequence.counts)
 
     def _settle(self, sequence: Sequence, token_id: int, now: float, outbox: list[tuple[Sequence, Delivery]]) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -66,6 +67,36 @@ def discovery() -> dict[str, Any]:
     return result
 
 
+def live_blocks(limit: int = 8) -> list[dict[str, Any]]:
+    """The largest CUDA blocks still allocated (size, private pool, where they were allocated); stops recording."""
+    import torch
+
+    try:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    except Exception as exc:
+        return [{"error": f"{type(exc).__name__}: {exc}"[:200]}]
+    blocks = []
+    for segment in snapshot.get("segments", []):
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [
+                f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
+                for f in block.get("frames", [])
+                if "python" not in str(f.get("filename", "")) or "site-packages" in str(f.get("filename", ""))
+            ]
+            blocks.append(
+                {
+                    "mb": round(block.get("size", 0) / 2**20, 1),
+                    "pool": str(segment.get("segment_pool_id")),
+                    "stream": segment.get("stream"),
+                    "frames": frames[:6],
+                }
+            )
+    return sorted(blocks, key=lambda b: -b["mb"])[:limit]
+
+
 async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
     """Load a tiny model through the Engine, measure memory, generate, unload, check the memory came back."""
     import torch
@@ -78,6 +109,9 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"device": device, "cuda_graphs": graphs}
     cuda = device.startswith("cuda")
     engine = Engine([device], cuda_graphs=graphs)
+    if cuda:  # stack traces of allocations, so anything still allocated after the unload names its origin
+        with contextlib.suppress(Exception):
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
         before = await engine.memory(device)
         started = time.perf_counter()
@@ -119,6 +153,7 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
             leaked = result["memory_unloaded"]["allocated_bytes"] - before["allocated_bytes"]
             result["leaked_after_unload_mb"] = round(leaked / 2**20, 1)
             result["memory_freed_ok"] = leaked < 8 * 2**20
+            result["live_after_unload"] = live_blocks()
     finally:
         engine.close()
     if graphs and cuda:

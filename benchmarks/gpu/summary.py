@@ -50,6 +50,7 @@ def main() -> None:
             "info",
             "memory_freed_ok",
             "leaked_after_unload_mb",
+            "live_after_unload",
             "freed_mb",
             "graphs_match_eager",
             "bad_device",

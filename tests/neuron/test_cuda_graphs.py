@@ -300,3 +300,77 @@ def test_a_mixed_step_runs_its_decoders_from_the_graph_and_equals_the_eager_step
     assert mixed.shape == eager.shape == (3 if sampling else 2, 97)
     torch.testing.assert_close(mixed, eager, rtol=0, atol=1e-12)
     torch.testing.assert_close(kv.storage[:, :, 1:], eager_kv[:, :, 1:], rtol=0, atol=1e-12)
+
+
+class _FakeGraph:
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_releasing_the_cuda_backend_resets_every_graph_and_drops_cublas_workspaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unload must not leave the private pool pinned: by a graph object someone still holds (reset it
+    explicitly), or by the cuBLAS workspace cached for the capture stream, which lives in that pool."""
+    import cortex.neuron.engine.cuda_graphs as cuda_graphs
+
+    cleared: list[str] = []
+    monkeypatch.setattr(cuda_graphs, "clear_cublas_workspaces", lambda: cleared.append("cleared"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    backend = cuda_graphs.CudaGraphBackend(torch.device("cpu"))
+    graphs = [_FakeGraph(), _FakeGraph()]
+    backend.graphs.extend(graphs)
+    backend.pool = (1, 0)
+    backend.release()
+    assert [g.resets for g in graphs] == [1, 1]
+    assert backend.graphs == [] and backend.pool is None
+    assert cleared == ["cleared"]
+
+
+def test_capture_tells_the_backend_when_it_is_done_and_release_reaches_it(
+    prefilled: tuple[ModelRunner, KVPool],
+) -> None:
+    runner, _ = prefilled
+    calls: list[str] = []
+
+    class Recording(EagerReplay):
+        def captured(self) -> None:
+            calls.append("captured")
+
+        def release(self) -> None:
+            calls.append("release")
+
+    graphs = DecodeGraphs(runner, max_batch=2, max_blocks=8, backend=Recording())
+    graphs.capture()
+    assert calls == ["captured"]
+    graphs.release()
+    assert calls == ["captured", "release"]
+
+
+def test_clearing_cublas_workspaces_is_a_no_op_without_cuda() -> None:
+    from cortex.neuron.engine.cuda_graphs import clear_cublas_workspaces
+
+    clear_cublas_workspaces()
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_a_lone_decode_row_with_its_host_length_equals_the_masked_padded_attention(
+    prefilled: tuple[ModelRunner, KVPool], row: int
+) -> None:
+    """The eager single-sequence path (exactly its tokens, no mask) computes what the padded, masked one does."""
+    runner, kv = prefilled
+    before = kv.storage.clone()
+    with torch.inference_mode():
+        padded = decode_batch([row], [17])
+        wide = torch.zeros((1, 8), dtype=torch.long)  # wider than its blocks: padding columns point at block 0
+        wide[0, : padded.context.block_tables.shape[1]] = padded.context.block_tables[0]
+        padded.context.block_tables = wide
+        masked = runner.forward(padded).clone()
+        kv.storage.copy_(before)
+        lone = decode_batch([row], [17])
+        lone.context.decode_length = len(SEQUENCES[row][0]) + 1
+        exact = runner.forward(lone)
+    torch.testing.assert_close(exact, masked, rtol=0, atol=1e-12)

@@ -120,15 +120,15 @@ class Relay:
         return len(cut)
 
     def node_lost(self, node: str, silent_for_s: float) -> int:
-        """The poller found `node` unreachable: end its requests that heard nothing for `silent_for_s`.
+        """The poller found `node` unreachable: end its requests that heard nothing from it, or none for `silent_for_s`.
 
         Those with no output yet are retried elsewhere (or wait for a recovery); a stream that
         already sent output ends with a `stream_interrupted` event now, not at its idle timeout.
-        A request still receiving bytes is left alone: the neuron is busy, not gone.
+        A stream still receiving events is left alone: the neuron is busy, not gone.
         """
         now = time.perf_counter()
         lost = ApiError(502, f"neuron '{node}' stopped answering its health checks", code="stream_interrupted")
-        cut = [r for r in self.live if r.record.node == node and now - r.last_read >= silent_for_s]
+        cut = [r for r in self.live if r.record.node == node and (r.unheard() or now - r.last_read >= silent_for_s)]
         for request in cut:
             request.cut(lost, retry=True)
         if cut:
@@ -295,6 +295,10 @@ class Cuttable:
 
     def cut(self, err: ApiError, *, retry: bool) -> None:
         raise NotImplementedError
+
+    def unheard(self) -> bool:
+        """Whether nothing came from the neuron yet (a whole answer arrives at once: never before its end)."""
+        return self.last_read == self.record.started
 
     def cancelled(self) -> ApiError:
         """The cut's error when the cancellation being handled is the cut's; re-raises any other."""

@@ -11,6 +11,7 @@ Measures (greedy, EOS ignored so every request produces exactly N tokens):
   and how many of the engine's serial answers equal `generate()`'s;
 - TTFT of a request that arrives while S-1 others stream, vs its TTFT on an idle model;
 - prefix reuse: TTFT of a request sharing a ~2,000-token prefix with the one before it, vs the first's;
+- `--single-only`: just the single-stream figures, `generate()` and the engine back to back per round;
 - CPU only: the same model in bfloat16 (and int8 dynamic quantisation when torch offers it): decode
   speed and how many answers change; llama.cpp (the shipped GGUF) when `llama_cpp` is importable.
 GPU mode (random weights in the real Qwen3 shapes) imports nothing beyond torch, transformers and the
@@ -53,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefix-tokens", type=int, default=2000)
     parser.add_argument("--no-peers", action="store_true", help="skip generate_batch (and llama.cpp)")
     parser.add_argument("--no-dtypes", action="store_true", help="skip the CPU bf16/int8 experiment")
+    parser.add_argument(
+        "--single-only", action="store_true", help="only single-stream decode, engine vs generate(), paired per round"
+    )
     return parser.parse_args()
 
 
@@ -274,6 +278,12 @@ async def main() -> None:
         model = await engine.adopt("bench", device, lambda: (module, tokenizer))
         report["engine_load_s"] = time.perf_counter() - loaded_at
         report["kv"] = model.kv_stats()
+        if args.single_only:
+            report.update(await single_only(model, peers, prompts[0], new_tokens, repeats))
+            report.update(date=time.strftime("%Y-%m-%d", time.gmtime()), model=description, dtype=dtype_name)
+            report.update(torch_threads=torch.get_num_threads(), new_tokens=new_tokens)
+            print(json.dumps(report, indent=2))
+            return
         serial_texts = [(await request(model, p, new_tokens))[2] for p in prompts]
         for index in range(repeats):
             row: dict[str, Any] = {}
@@ -352,6 +362,33 @@ async def main() -> None:
         }
     )
     print(json.dumps(report, indent=2))
+
+
+async def single_only(
+    model: LoadedModel, peers: Peers, prompt: list[int], new_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Single-stream decode only, `generate()` and the engine back to back in each round (which goes first
+    alternates), for a quick, paired figure on a noisy machine."""
+    rounds = []
+    for index in range(repeats):
+        row: dict[str, float] = {}
+        for side in ("generate", "engine") if index % 2 == 0 else ("engine", "generate"):
+            if side == "generate":
+                total, _ = peers.generate(prompt, new_tokens)
+                first, _ = peers.generate(prompt, 1)
+                row["generate_decode_tok_s"] = (new_tokens - 1) / (total - first)
+            else:
+                row["engine_decode_tok_s"] = await single_decode(model, prompt, new_tokens)
+        rounds.append(row)
+    return {
+        "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
+        "figures": {key: median(rounds, key) for key in ("generate_decode_tok_s", "engine_decode_tok_s")},
+        "ratios": {
+            "single_vs_generate": statistics.median(
+                r["engine_decode_tok_s"] / r["generate_decode_tok_s"] for r in rounds
+            )
+        },
+    }
 
 
 async def dtype_experiments(

@@ -84,14 +84,14 @@ def live_blocks(limit: int = 8) -> list[dict[str, Any]]:
             frames = [
                 f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
                 for f in block.get("frames", [])
-                if "python" not in str(f.get("filename", "")) or "site-packages" in str(f.get("filename", ""))
+                if "nn/modules/module.py" not in str(f.get("filename", ""))  # _call_impl wrappers: noise
             ]
             blocks.append(
                 {
                     "mb": round(block.get("size", 0) / 2**20, 1),
                     "pool": str(segment.get("segment_pool_id")),
                     "stream": segment.get("stream"),
-                    "frames": frames[:6],
+                    "frames": frames[:8],
                 }
             )
     return sorted(blocks, key=lambda b: -b["mb"])[:limit]
@@ -111,7 +111,7 @@ async def engine_check(device: str, graphs: bool) -> dict[str, Any]:
     engine = Engine([device], cuda_graphs=graphs)
     if cuda:  # stack traces of allocations, so anything still allocated after the unload names its origin
         with contextlib.suppress(Exception):
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     try:
         before = await engine.memory(device)
         started = time.perf_counter()

@@ -125,6 +125,15 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     # Ask a thinking model to keep its reasoning out of `content` (default) or inline.
     include_reasoning: bool | None = None
+    # vLLM's extension: the last message is an assistant turn to continue, not a finished one (Anthropic's
+    # "prefill"); the reply is the continuation only.
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continues_an_assistant_turn(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

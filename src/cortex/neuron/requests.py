@@ -105,6 +105,10 @@ class RequestMapper:
     async def _render_chat(self, model: LoadedModel, req: ChatCompletionRequest, *, with_tools: bool) -> list[int]:
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if with_tools else None
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        if req.continue_final_message:  # the last assistant turn stays open: the model continues it
+            return await self._on_tokenizer(
+                model.render_chat, messages, tools, add_generation_prompt=False, continue_final_message=True
+            )
         return await self._on_tokenizer(model.render_chat, messages, tools)
 
     async def _text_prompt(self, model: LoadedModel, prompt: str | list[str] | list[int]) -> list[int]:

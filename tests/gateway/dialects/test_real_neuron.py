@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -262,3 +263,26 @@ def test_anthropic_client_run_bash_tool_gets_its_schema_and_server_tools_a_400(r
         extra_headers={"X-Cortex-Optional-Tools": "web_search"},
     )
     assert optional.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_anthropic_prefill_is_continued_not_closed(real_fleet: RealFleet) -> None:
+    """An assistant message last is Anthropic's prefill: the prompt leaves that turn open (no end-of-turn,
+    no new assistant header), as the OpenAI route does with vLLM's `continue_final_message`."""
+    url = real_fleet.gateway.url
+    messages: Any = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Sure, the answer is"}]
+
+    def chat_prompt_tokens(**extra: Any) -> int:
+        body = {"model": MODEL, "messages": messages, "max_tokens": 1, **extra}
+        return _post_json(f"{url}/v1/chat/completions", body, {})["usage"]["prompt_tokens"]
+
+    closed, continued = chat_prompt_tokens(), chat_prompt_tokens(continue_final_message=True)
+    assert continued < closed  # `<|im_end|>\n<|im_start|>assistant\n` is not there
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    message = client.messages.create(model=MODEL, max_tokens=1, messages=messages)
+    usage = message.usage  # Anthropic counts the prompt's cached part apart
+    assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == continued
+    assert client.messages.count_tokens(model=MODEL, messages=messages).input_tokens == continued
+    bad = {"model": MODEL, "messages": messages[:1], "max_tokens": 1, "continue_final_message": True}
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _post_json(f"{url}/v1/chat/completions", bad, {})
+    assert caught.value.code == 400

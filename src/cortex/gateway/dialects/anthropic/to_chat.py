@@ -54,9 +54,17 @@ def to_chat_request(req: CountTokensRequest) -> dict[str, Any]:
     """The OpenAI chat body for a Messages (or count_tokens) request."""
     body: dict[str, Any] = {"model": req.model, "messages": to_chat_messages(req)}
     _add_tools(body, req.tools, req.tool_choice)
+    if is_prefill(body["messages"]):
+        body["continue_final_message"] = True
     if isinstance(req, MessagesRequest):
         _add_sampling(body, req)
     return body
+
+
+def is_prefill(messages: list[ChatMessage]) -> bool:
+    """An assistant message last, with text and no tool calls: Anthropic's prefill, which the model continues."""
+    last = messages[-1] if messages else None
+    return last is not None and last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
 
 
 def _add_sampling(body: dict[str, Any], req: MessagesRequest) -> None:

@@ -318,7 +318,8 @@ class LiveFetch(Cuttable):
         self.task = asyncio.current_task()
 
     def cut(self, err: ApiError, *, retry: bool) -> None:
-        if self.cut_error is None and self.task is not None:
+        # Its own task cutting it (a probe it awaits found the node lost) is already handling that failure.
+        if self.cut_error is None and self.task is not None and self.task is not asyncio.current_task():
             self.cut_error, self.retry = err, retry
             self.task.cancel()
 
@@ -361,10 +362,14 @@ class RelayStream(Cuttable):
     def cut(self, err: ApiError, *, retry: bool) -> None:
         if self.cut_error is not None or self.done:
             return
-        self.cut_error, self.retry = err, retry
         if self._opening is not None:
+            if self._opening is asyncio.current_task():
+                return  # a probe this request awaits found its node lost: it is handling that failure already
+            self.cut_error, self.retry = err, retry
             self._opening.cancel()  # no output yet: the attempt ends, and is retried if `retry`
-        elif self.exchange is not None:
+            return
+        self.cut_error, self.retry = err, retry
+        if self.exchange is not None:
             self.exchange.response.close()  # the read fails and raises the cut's error
 
     async def __aenter__(self) -> RelayStream:

@@ -29,7 +29,7 @@ from cortex.gateway.dialects.responses.to_chat import to_chat_request
 from tests.support.dialect_schemas import assert_response, assert_responses_event
 from tests.support.gateway_procs import run_single_model_fleet
 from tests.support.models import TOOL_TEMPLATE
-from tests.support.trained_tool_model import _check_greedy, _train
+from tests.support.trained_tool_model import train_and_save
 
 MODEL = "tiny-apply-patch"
 QUESTION = "Create hello.txt saying hello."
@@ -64,11 +64,10 @@ def _neuron_view(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return [m.model_dump(exclude_none=True) for m in req.messages], tools
 
 
-def build_patch_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_patch_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     """Train on the loop's two turns; `tokenizer_dir` holds SmolLM2's tokenizer with `TOOL_TEMPLATE`
     (the session's tiny tool model: loading it from there skips the GGUF tokenizer's slow conversion)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from cortex.neuron.engine.chat import ChatRenderer
     from cortex.neuron.engine.tools import render_custom_call
@@ -76,32 +75,12 @@ def build_patch_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, hidden: 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert tokenizer.chat_template == TOOL_TEMPLATE
     renderer = ChatRenderer(tokenizer)
-    eos = tokenizer.eos_token_id
     samples: dict[tuple[int, ...], list[int]] = {}
     for items, reply in zip(_turns(), (render_custom_call("apply_patch", PATCH), ANSWER), strict=True):
         messages, tools = _neuron_view(items)
-        samples[tuple(renderer.render(messages, tools))] = [*tokenizer.encode(reply, add_special_tokens=False), eos]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    _train(model, samples, torch)
-    model.eval()
-    _check_greedy(model, samples, tokenizer, torch)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+        reply_ids = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+        samples[tuple(renderer.render(messages, tools))] = reply_ids
+    return train_and_save(out, tokenizer, samples, seed=seed, hidden=64, layers=2)
 
 
 @pytest.fixture(scope="module")

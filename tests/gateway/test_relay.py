@@ -238,3 +238,56 @@ async def test_keepalives_alone_do_not_hold_a_stream_past_the_first_output_bound
     with pytest.raises(ApiError) as err:
         await relayed(prefilling, {"prefill_s": 30, "keepalive_s": 0.1})
     assert (err.value.status, err.value.code) == (504, "upstream_timeout")
+
+
+# ---- retried once before output, never after it, never a 4xx ----------------------------------------------------
+
+
+@pytest.fixture
+async def two_replicas(start_fake: StartFake) -> AsyncIterator[tuple[Gateway, list[Any]]]:
+    fakes = [start_fake(name, devices=[{"vram_total_mb": 10000}], preloaded=["m"]) for name in ("a", "b")]
+    config = GatewayConfig.model_validate(
+        {
+            "gateway": {"keepalive_interval_s": 0.1, "metrics_listen": None},
+            "poll": {"interval_s": 0.2},
+            "neurons": [{"name": n, "endpoint": f.url} for n, f in zip("ab", fakes, strict=True)],
+        }
+    )
+    gw = Gateway(fleet_config_from(config, Catalogue(models=[CatalogueModel(id="m")])))
+    await gw.start()
+    try:
+        yield gw, fakes
+    finally:
+        await gw.stop()
+
+
+async def test_a_stream_cut_before_output_is_retried_once_after_output_never(two_replicas) -> None:
+    gw, fakes = two_replicas
+
+    def tries() -> int:
+        return sum(len(fake_log(f)["requests"]) for f in fakes)
+
+    async def stream(fake: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {"model": "m", "messages": MESSAGES, "fake": fake}
+        async with gw.relay.stream("/v1/messages", "m", CHAT, body) as events:
+            return [chunk async for chunk in chunks(events)]
+
+    # Cut right after the opening chunk, on both replicas: tried on each once, then the error.
+    with pytest.raises(ApiError) as err:
+        await stream({"die_after": 0})
+    assert (err.value.status, err.value.code, tries()) == (502, "stream_interrupted", 2)
+    # Cut after output went out: never retried.
+    with pytest.raises(ApiError) as err:
+        await stream({"die_after": 2})
+    assert (err.value.code, tries()) == ("stream_interrupted", 3)
+    # A neuron's 4xx is the request's own: never retried; nor an error that is no neuron failure.
+    for status in (400, 503):
+        with pytest.raises(ApiError) as err:
+            await chat(gw, {"model": "m", "messages": MESSAGES, "fake": {"status": status}})
+        assert err.value.status == status
+    assert tries() == 5
+    await asyncio.sleep(0.01)  # metrics are published just after the request ends
+    text = gw.metrics.render().decode()
+    errors = [line for line in text.splitlines() if line.startswith("cortex_errors_total{")]
+    cut = sum(float(line.rpartition(" ")[2]) for line in errors if 'type="stream_interrupted"' in line)
+    assert cut == 2  # each request counted once, the retried one included

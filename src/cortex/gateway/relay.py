@@ -14,14 +14,21 @@ What it does, once for every caller (the OpenAI pass-through and the dialect rou
 - asks every stream for usage (`stream_options.include_usage`, set here and nowhere else);
 - reads a stream one whole event at a time and lets the request's record observe each (usage,
   first token, inter-token gaps); `[DONE]` ends the iteration;
+- retries once a request whose neuron failed before its first output (`retriable`: a device
+  fault, a reset, a drain; never a 4xx), on another replica or after the model's recovery
+  (docs/reliability.md, "Failover"): a stream is read up to its first output before its caller
+  sees any event;
+- keeps the requests in flight (`live`) so that the drain's end (`cut_all`) and a node the poller
+  lost (`node_lost`) can end them early, with an error in the client's dialect, not a bare close;
 - leaving early (client disconnect, error, cancellation) aborts the neuron connection, which
   cancels the generation there;
 - publishes metrics and the `request.done` line once (accounting.py).
 
 Every failure is an `ApiError` with the status to answer: 400/404 bad or unknown model, 502
 unreachable (`upstream_unreachable`) or cut mid-stream (`stream_interrupted`, from the
-iteration), 503 recovering or no capacity, 504 load timeout, and a neuron's own error answer as an
-`UpstreamError` (status, message, type, code, `Retry-After`, and the body as it was sent).
+iteration), 503 recovering, no capacity or shutting down, 504 load timeout or no first output
+within `first_byte_timeout_s`, and a neuron's own error answer as an `UpstreamError` (status,
+message, type, code, `Retry-After`, and the body as it was sent).
 """
 
 from __future__ import annotations
@@ -29,9 +36,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -39,37 +45,24 @@ from multidict import CIMultiDictProxy
 
 from cortex.core.errors import ApiError
 from cortex.core.logs import log_event, request_id_var
-from cortex.core.sse import EVENT_END, event_data
-from cortex.gateway.accounting import Accounting, RequestRecord, error_type
+from cortex.core.sse import event_data
+from cortex.gateway.accounting import Accounting, error_type
 from cortex.gateway.affinity import prefix_key
-from cortex.gateway.keepalive import with_keepalive
+from cortex.gateway.failover import (
+    Cuttable,
+    LiveFetch,
+    retriable,
+    retriable_reply,
+    retry_from,
+)
 from cortex.gateway.limits import check_model
-from cortex.gateway.neuron_client import describe, plain_reason
+from cortex.gateway.relay_stream import CHAT_PATH, CLIENT_CLOSED, Check, RelayStream, stream_body
 from cortex.gateway.router import KeepAlive, Router
-from cortex.gateway.upstream import STREAM_ERRORS, Exchange, Upstream, upstream_error
+from cortex.gateway.upstream import Upstream, upstream_error
 
 log = logging.getLogger("cortex.gateway.relay")
 
-# Status logged for a request whose client went away before an answer (nginx's convention).
-CLIENT_CLOSED = 499
-# One SSE event may carry long tool-call arguments: read events up to this size.
-MAX_EVENT_BYTES = 16 * 1024 * 1024
-
-Check = Callable[[], object]
-# Generation requests are routed with prefix affinity (a token count warms no cache).
-CHAT_PATH = "/v1/chat/completions"
-
-
-def stream_body(body: dict[str, Any], model_id: str) -> dict[str, Any]:
-    """The body sent to the neuron for a stream: model id, and usage always asked for (metrics need it)."""
-    options = body.get("stream_options")
-    options = dict(options) if isinstance(options, dict) else {}
-    options["include_usage"] = True
-    return {**body, "model": model_id, "stream": True, "stream_options": options}
-
-
-def interrupted(node: str, detail: str) -> ApiError:
-    return ApiError(502, f"neuron '{node}' stopped mid-stream: {detail}", code="stream_interrupted")
+__all__ = ["Relay", "RelayStream", "Reply", "chunks", "stream_body"]
 
 
 class Reply:
@@ -176,7 +169,7 @@ class Relay:
                         failure: ApiError | None = err
                     else:
                         reply = Reply(exchange.response.status, data, exchange.response.headers)
-                        failure = retriable_reply(reply)
+                        failure = retriable_reply(reply.status, reply.raw, reply.headers)
                 except asyncio.CancelledError:
                     failure = live.cancelled()
                     if not live.retry:
@@ -217,312 +210,6 @@ class Relay:
     ) -> RelayStream:
         """A streamed answer: `async with relay.stream(...) as events: async for event in events`."""
         return RelayStream(self, route, model, path, body, keepalive, check)
-
-
-# A neuron's failures before a request produced output: another replica (or the recovered one) may serve it.
-RETRIABLE_CODES = frozenset(
-    {"model_poisoned", "model_recovering", "draining", "shutting_down", "stream_interrupted", "upstream_unreachable"}
-)
-
-
-def retriable(err: ApiError) -> bool:
-    """A failure of the neuron, not of the request: never a 4xx (bad input stays bad), never a timeout."""
-    return err.status >= 500 and err.code in RETRIABLE_CODES
-
-
-def retriable_reply(reply: Reply) -> ApiError | None:
-    """A whole answer that is a neuron failure worth one retry (a device fault, a recovery, a shutdown)."""
-    if reply.status != 503:
-        return None
-    err = upstream_error(reply.status, reply.raw, reply.headers)
-    return err if retriable(err) else None
-
-
-def retry_from(record: RequestRecord, failure: ApiError) -> tuple[str, str]:
-    """Log the one retry of a request that failed on its node before any output; (node, why) for Upstream.open."""
-    node = record.node or "-"
-    log_event(log, "upstream.retry", logging.WARNING, node=node, error=failure.code, reason=failure.message[:200])
-    return node, f"neuron '{node}' failed before answering: {failure.message}"
-
-
-def error_event(data: bytes) -> ApiError | None:
-    """The error an OpenAI stream event carries (a neuron's fault mid-stream), with the status it stands for."""
-    if b'"error"' not in data:
-        return None
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(chunk, dict) or "error" not in chunk or "choices" in chunk:
-        return None
-    error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-    status = _EVENT_STATUS.get(str(error.get("type")), 502)
-    if error.get("code") in RETRIABLE_CODES:
-        status = 503
-    return upstream_error(status, data, None)
-
-
-_EVENT_STATUS = {"invalid_request_error": 400, "rate_limit_error": 429, "not_found_error": 404}
-
-
-def opening_chunk(data: bytes) -> bool:
-    """Whether a chunk is a chat stream's opening (the assistant role, no text): not output yet."""
-    if b'"role":"assistant"' not in data:
-        return False
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
-    if not choices or chunk.get("usage"):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("logprobs"):
-            return False
-        delta = choice.get("delta")
-        if not isinstance(delta, dict) or any(value for key, value in delta.items() if key != "role"):
-            return False
-    return True
-
-
-class Cuttable:
-    """A request the relay can end early: with `err` as its error, retried (`retry`) when no output went out."""
-
-    record: RequestRecord
-    last_read: float  # perf_counter of the last bytes heard from the neuron (the request's start at first)
-    cut_error: ApiError | None = None
-    retry: bool = False
-
-    def cut(self, err: ApiError, *, retry: bool) -> None:
-        raise NotImplementedError
-
-    def unheard(self) -> bool:
-        """Whether nothing came from the neuron yet (a whole answer arrives at once: never before its end)."""
-        return self.last_read == self.record.started
-
-    def cancelled(self) -> ApiError:
-        """The cut's error when the cancellation being handled is the cut's; re-raises any other."""
-        err, task = self.cut_error, asyncio.current_task()
-        if err is None or task is None or task.uncancel() > 0:
-            raise asyncio.CancelledError
-        self.cut_error = None  # a retry can be cut again
-        return err
-
-
-class LiveFetch(Cuttable):
-    """A whole-answer request in flight: nothing reached its client, so a cut cancels the wait."""
-
-    def __init__(self, record: RequestRecord) -> None:
-        self.record = record
-        self.last_read = record.started
-        self.task = asyncio.current_task()
-
-    def cut(self, err: ApiError, *, retry: bool) -> None:
-        # Its own task cutting it (a probe it awaits found the node lost) is already handling that failure.
-        if self.cut_error is None and self.task is not None and self.task is not asyncio.current_task():
-            self.cut_error, self.retry = err, retry
-            self.task.cancel()
-
-
-class RelayStream(Cuttable):
-    """The async context manager `Relay.stream` returns; iterating it yields whole SSE events, `[DONE]` excluded.
-
-    Entering it opens the stream and reads up to the neuron's first output (the chat's opening
-    chunk and the neuron's keep-alives are not output): a failure of the neuron before then is
-    retried once (`retriable`), so the caller has sent its client nothing but headers, its
-    dialect's opening events and keep-alives. The first output must come within
-    `first_byte_timeout_s` (keep-alives or not); later, every gap within `stream_idle_timeout_s`.
-    """
-
-    def __init__(
-        self,
-        relay: Relay,
-        route: str,
-        model: Any,
-        path: str,
-        body: dict[str, Any],
-        keepalive: KeepAlive | None,
-        check: Check | None,
-    ) -> None:
-        self.relay = relay
-        self.check = check
-        self.route = route
-        self.model = model
-        self.path = path
-        self.body = body
-        self.keepalive = keepalive
-        self.record: RequestRecord = relay.accounting.record(model)
-        self.last_read = self.record.started
-        self.exchange: Exchange | None = None
-        self.done = False
-        self._finished = False
-        self._held: list[bytes] = []  # read before the first output; yielded first
-        self._opening: asyncio.Task[Any] | None = None  # the task entering the stream, while it does
-
-    def cut(self, err: ApiError, *, retry: bool) -> None:
-        if self.cut_error is not None or self.done:
-            return
-        if self._opening is not None:
-            if self._opening is asyncio.current_task():
-                return  # a probe this request awaits found its node lost: it is handling that failure already
-            self.cut_error, self.retry = err, retry
-            self._opening.cancel()  # no output yet: the attempt ends, and is retried if `retry`
-            return
-        self.cut_error, self.retry = err, retry
-        if self.exchange is not None:
-            self.exchange.response.close()  # the read fails and raises the cut's error
-
-    async def __aenter__(self) -> RelayStream:
-        self.relay.live.add(self)
-        self._opening = asyncio.current_task()
-        try:
-            model_id = self.relay.resolve(self.model)
-            self.record.model = model_id
-            if self.check is not None:
-                self.check()
-            payload = orjson.dumps(stream_body(self.body, model_id))
-            prefix = prefix_key(self.body) if self.path == CHAT_PATH else None
-            failed: tuple[str, str] | None = None
-            while True:
-                try:
-                    failure = await self._attempt(model_id, payload, prefix, failed)
-                except asyncio.CancelledError:
-                    failure = self.cancelled()
-                    self._close_exchange()
-                    if not self.retry:
-                        raise failure from None
-                if failure is None:
-                    break
-                if failed is not None or not retriable(failure):
-                    raise failure
-                failed = retry_from(self.record, failure)
-        except BaseException as exc:
-            self._opening = None
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._opening = None
-        return self
-
-    def _close_exchange(self) -> None:
-        if self.exchange is not None:
-            self.exchange.close(abort=True)
-            self.exchange = None
-        self._held = []
-
-    async def _attempt(
-        self, model_id: str, payload: bytes, prefix: bytes | None, failed: tuple[str, str] | None
-    ) -> ApiError | None:
-        """Open the stream on a replica and read to its first output; the neuron's failure before it, if any."""
-        upstream = self.relay.upstream
-        self.exchange = await upstream.open(
-            model_id,
-            self.path,
-            payload,
-            self.record,
-            request_id_var.get(),
-            self.keepalive,
-            prefix,
-            stream=True,
-            failed=failed,
-        )
-        response = self.exchange.response
-        if response.status != 200:
-            raw = await self.exchange.read()
-            self.exchange = None  # read() closed it
-            return upstream_error(response.status, raw, response.headers)
-        limit = upstream.first_byte_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                if self.keepalive is None:
-                    failure = await self._first_output()
-                else:
-                    failure = await with_keepalive(
-                        self._first_output(), self.relay.keepalive_interval_s, self.keepalive
-                    )
-        except TimeoutError:
-            node = self.exchange.node
-            failure = ApiError(504, f"neuron '{node}' sent no output within {limit:g} s", code="upstream_timeout")
-        if failure is not None:
-            self._close_exchange()
-        return failure
-
-    async def _first_output(self) -> ApiError | None:
-        assert self.exchange is not None
-        node = self.exchange.node
-        content = self.exchange.response.content
-        while True:
-            try:
-                event = await content.readuntil(EVENT_END, max_size=MAX_EVENT_BYTES)
-            except STREAM_ERRORS as exc:
-                log_event(log, "upstream.stream_broken", logging.WARNING, node=node, error=describe(exc))
-                return interrupted(node, plain_reason(exc))
-            self.last_read = time.perf_counter()
-            if not event.endswith(EVENT_END):
-                return interrupted(node, "the stream ended before [DONE]")
-            data = event_data(event)
-            if data is None:
-                continue  # the neuron's keep-alive: its client hears the gateway's own
-            failure = error_event(data)
-            if failure is not None:
-                return failure
-            self._held.append(event)
-            if not opening_chunk(data):
-                return None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events()
-
-    def _broken(self, node: str, detail: str) -> ApiError:
-        return self.cut_error if self.cut_error is not None else interrupted(node, detail)
-
-    async def _events(self) -> AsyncIterator[bytes]:
-        assert self.exchange is not None
-        node = self.exchange.node
-        content = self.exchange.response.content
-        observe = self.record.observe
-        held, self._held = self._held, []
-        for event in held:
-            if event.startswith(b"data: [DONE]"):
-                self.done = True
-                return
-            observe(event, time.perf_counter())
-            yield event
-        while True:
-            try:
-                event = await content.readuntil(EVENT_END, max_size=MAX_EVENT_BYTES)
-            except STREAM_ERRORS as exc:
-                if self.cut_error is None:
-                    log_event(log, "upstream.stream_broken", logging.WARNING, node=node, error=describe(exc))
-                raise self._broken(node, plain_reason(exc)) from None
-            if not event.endswith(EVENT_END):
-                raise self._broken(node, "the stream ended before [DONE]")
-            if event.startswith(b"data: [DONE]"):
-                self.done = True
-                return
-            now = self.last_read = time.perf_counter()
-            observe(event, now)
-            yield event
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.relay.live.discard(self)
-        if self.exchange is not None:
-            self.exchange.close(abort=not self.done)
-            self.exchange = None
-        status = 200
-        if isinstance(exc, ApiError):
-            status = exc.status
-            self.record.fail(error_type(exc))
-        elif exc is not None and not isinstance(exc, asyncio.CancelledError | ConnectionError):
-            status = 500
-            self.record.fail("internal_error")
-        elif exc is not None or not self.done:
-            status = CLIENT_CLOSED
-            self.record.fail("client_disconnected")
-        if not self._finished:  # __aenter__'s own failure path comes here too: publish once
-            self._finished = True
-            self.relay.accounting.finish(self.record, self.route, status, stream=True)
 
 
 async def chunks(events: AsyncIterator[bytes] | RelayStream) -> AsyncIterator[dict[str, Any]]:

@@ -227,6 +227,72 @@ def test_responses_custom_tool_call_streams(real_fleet: RealFleet) -> None:
     assert (call.name, call.namespace) == ("pick", "multi_agent_v1") and call.input in ("red", "green", "blue")
 
 
+# Codex's client-run tool search, with bounded schemas: a random-weight model forced into them finishes the call.
+SEARCH_TOOL: Any = {
+    "type": "tool_search",
+    "execution": "client",
+    "description": "Searches over deferred tool metadata and loads the matching tools.",
+    "parameters": {
+        "type": "object",
+        "properties": {"query": {"type": "string", "enum": ["orders", "weather"]}},
+        "required": ["query"],
+        "additionalProperties": False,
+    },
+}
+ORDERS_TOOL: Any = {
+    "type": "function",
+    "name": "list_open_orders",
+    "description": "List open orders for a customer.",
+    "defer_loading": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"customer_id": {"type": "string", "enum": ["42", "7"]}},
+        "required": ["customer_id"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_client_tool_search_call_then_its_output_loads_a_tool(real_fleet: RealFleet, stream: bool) -> None:
+    """A forced call to the client-run tool search comes back as a `tool_search_call` item; sent back with a
+    `tool_search_output` loading a namespaced function, that function can be called in the next turn."""
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    question: Any = {"role": "user", "content": "Open orders of customer 42?"}
+    force_search: Any = {"type": "function", "name": "tool_search"}
+    asked = dict(model=MODEL, input=[question], tools=[SEARCH_TOOL], tool_choice=force_search, max_output_tokens=120)
+    if stream:
+        events = list(client.responses.create(**asked, stream=True))  # type: ignore[call-overload]
+        for event in events:
+            assert_responses_event(event.type, event.model_dump(exclude_unset=True))
+        searches = [e for e in events if e.type.startswith("response.output_item") and e.item.type != "message"]
+        assert [e.type for e in searches] == ["response.output_item.added", "response.output_item.done"]
+        first = events[-1].response
+    else:
+        first = client.responses.create(**asked)  # type: ignore[call-overload]
+        assert_response(first.model_dump(mode="json", exclude_unset=True))
+    assert first.status == "completed", first.output
+    (search,) = [item for item in first.output if item.type != "message"]  # random weights may talk first
+    assert search.type == "tool_search_call" and search.execution == "client" and search.status == "completed"
+    assert search.arguments in ({"query": "orders"}, {"query": "weather"}), search.arguments
+    crm = {"type": "namespace", "name": "crm", "description": "CRM tools.", "tools": [ORDERS_TOOL]}
+    loaded: Any = {"type": "tool_search_output", "call_id": search.call_id, "execution": "client", "tools": [crm]}
+    force_orders: Any = {"type": "function", "name": "list_open_orders", "namespace": "crm"}
+    second = client.responses.create(
+        model=MODEL,
+        input=[question, search.model_dump(exclude_none=True), loaded],
+        tools=[SEARCH_TOOL],
+        tool_choice=force_orders,
+        max_output_tokens=120,
+    )
+    assert_response(second.model_dump(mode="json", exclude_unset=True))
+    assert second.status == "completed", second.output
+    (call,) = [item for item in second.output if item.type != "message"]
+    assert call.type == "function_call" and (call.namespace, call.name) == ("crm", "list_open_orders")
+    assert json.loads(call.arguments) in ({"customer_id": "42"}, {"customer_id": "7"}), call.arguments
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_bad_custom_grammar_is_a_400_in_openais_envelope(real_fleet: RealFleet, stream: bool) -> None:
     """The grammar compiles off the neuron's event loop, and its error still reaches the client as a 400."""

@@ -2,7 +2,8 @@
 
 Output items are, in order: reasoning (when the model thought), the message, then one
 `function_call` or `custom_tool_call` item per tool call, named as the client declared the tool
-(a namespaced tool's flat name split back into `namespace` and `name`).
+(a namespaced tool's flat name split back into `namespace` and `name`), or a `tool_search_call` item
+for a call to the client-run tool search.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from cortex.gateway.dialects.responses.request import (
     RequestTool,
     ResponsesRequest,
     TextFormat,
+    ToolSearchTool,
 )
 from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
+from cortex.gateway.dialects.responses.tool_search import is_search_call, tool_search_call_item
 
 
 def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -79,8 +82,10 @@ def tool_call_item(req: ResponsesRequest, call: dict[str, Any]) -> dict[str, Any
         namespace, name = client_name(req, custom.get("name", ""))
         return custom_tool_call_item(_new_id("ctc"), call_id, name, custom.get("input") or "", namespace)
     function = call.get("function") or {}
-    namespace, name = client_name(req, function.get("name", ""))
     arguments = function.get("arguments") or ""
+    if is_search_call(req, function.get("name", "")):
+        return tool_search_call_item(_new_id("ts"), call_id, arguments)
+    namespace, name = client_name(req, function.get("name", ""))
     return function_call_item(_new_id("fc"), call_id, name, arguments, namespace=namespace)
 
 
@@ -139,6 +144,9 @@ def _echo_format(req: ResponsesRequest) -> dict[str, Any]:
 
 
 def _echo_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any]:
+    """The request's tool choice; a namespaced tool's without `namespace`, which the response's type lacks."""
+    if isinstance(choice, dict) and "namespace" in choice:
+        return {key: value for key, value in choice.items() if key != "namespace"}
     return "auto" if choice is None else choice
 
 
@@ -146,6 +154,8 @@ def _echo_tool(tool: RequestTool) -> dict[str, Any]:
     if isinstance(tool, NamespaceTool):
         inner = [_echo_tool(t) for t in tool.tools]
         return {"type": "namespace", "name": tool.name, "description": tool.description, "tools": inner}
+    if isinstance(tool, ToolSearchTool):
+        return tool.model_dump(exclude_none=True)
     if isinstance(tool, CustomTool):
         echoed: dict[str, Any] = {"type": "custom", "name": tool.name}
         if tool.description is not None:

@@ -8,7 +8,7 @@ than answered as if the earlier turns did not exist. Response objects are built 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -121,35 +121,16 @@ class UnsupportedItem(_Lenient):
         raise ValueError(f"input items of type {self.type!r} are not supported")
 
 
-_ITEM_KINDS = (
-    "message",
-    "function_call",
-    "function_call_output",
-    "custom_tool_call",
-    "custom_tool_call_output",
-    "reasoning",
-)
-
-InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")]
-    | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
-    | Annotated[CustomToolCallOutputItem, Tag("custom_tool_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")]
-    | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
-    Discriminator(_item_kind),
-]
-
-
 class FunctionTool(_Lenient):
-    """Responses' flat function tool."""
+    """Responses' flat function tool. `defer_loading`: listed by name and description only until a
+    `tool_search_output` item loads it (`tool_search.py`)."""
 
     type: Literal["function"]
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    defer_loading: bool | None = None
 
 
 class CustomToolFormat(_Lenient):
@@ -173,6 +154,7 @@ class CustomTool(_Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     format: CustomToolFormat | None = None
+    defer_loading: bool | None = None
 
 
 NamespacedTool = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
@@ -188,9 +170,22 @@ class NamespaceTool(_Lenient):
     tools: list[NamespacedTool]
 
 
+class ToolSearchTool(_Lenient):
+    """Tool search the client runs (`execution: "client"`; Codex's BM25 search over its deferred tools).
+    The model sees it as a function `tool_search` with the client's description and parameters; its
+    calls are `tool_search_call` items, and the `tool_search_output` the client sends back loads tools."""
+
+    type: Literal["tool_search"]
+    execution: Literal["client"]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    name: ClassVar[str] = "tool_search"  # the function name the model calls it by
+
+
 class HostedTool(_Lenient):
-    """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, ...).
-    Refused (400 naming it) unless the client marked it optional (`optional_tools.py`)."""
+    """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, tool
+    search without `execution: "client"`, ...). Refused (400 naming it) unless the client marked it
+    optional (`optional_tools.py`)."""
 
     type: str
 
@@ -201,6 +196,9 @@ _TOOL_TAGS = {"function": "FunctionTool", "custom": "CustomTool", "namespace": "
 def _tool_kind(tool: Any) -> str:
     """The tool's class (CamelCase tags are left out of error paths: `tools.0.name: Field required`)."""
     kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    if kind == "tool_search":
+        execution = tool.get("execution") if isinstance(tool, dict) else getattr(tool, "execution", None)
+        return "ToolSearchTool" if execution == "client" else "HostedTool"
     return _TOOL_TAGS.get(kind, "HostedTool") if isinstance(kind, str) else "HostedTool"
 
 
@@ -208,11 +206,58 @@ RequestTool = Annotated[
     Annotated[FunctionTool, Tag("FunctionTool")]
     | Annotated[CustomTool, Tag("CustomTool")]
     | Annotated[NamespaceTool, Tag("NamespaceTool")]
+    | Annotated[ToolSearchTool, Tag("ToolSearchTool")]
     | Annotated[HostedTool, Tag("HostedTool")],
     Discriminator(_tool_kind),
 ]
 
-ClientTool = FunctionTool | CustomTool
+ClientTool = FunctionTool | CustomTool | ToolSearchTool
+
+
+class ToolSearchCallItem(_Lenient):
+    """An earlier tool search call (the client ran it); goes back as a call to the `tool_search` function."""
+
+    type: Literal["tool_search_call"]
+    call_id: str | None = None
+    arguments: Any = None
+    execution: str | None = None
+    id: str | None = None
+
+
+class ToolSearchOutputItem(_Lenient):
+    """The tools a tool search loaded: they become callable in this request, and the search's answer to the
+    model is a short list of them (`tool_search.py`). Only function, custom and namespace tools can be loaded."""
+
+    type: Literal["tool_search_output"]
+    call_id: str | None = None
+    tools: list[RequestTool] = Field(default_factory=list)
+    execution: str | None = None
+    id: str | None = None
+
+
+_ITEM_KINDS = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "reasoning",
+    "tool_search_call",
+    "tool_search_output",
+)
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
+    | Annotated[CustomToolCallOutputItem, Tag("custom_tool_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ToolSearchCallItem, Tag("tool_search_call")]
+    | Annotated[ToolSearchOutputItem, Tag("tool_search_output")]
+    | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
+    Discriminator(_item_kind),
+]
 
 NAMESPACE_SEPARATOR = "__"
 
@@ -258,19 +303,48 @@ class ResponsesRequest(_Lenient):
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
 
+    def loaded_tools(self) -> list[tuple[str | None, ClientTool]]:
+        """(namespace, tool) for each tool the `tool_search_output` items in `input` loaded, in order."""
+        if isinstance(self.input, str):
+            return []
+        outputs = [item for item in self.input if isinstance(item, ToolSearchOutputItem)]
+        return [pair for item in outputs for pair in flatten_tools(item.tools)]
+
     def client_tools(self) -> list[tuple[str | None, ClientTool]]:
-        """(namespace or None, tool) for every tool the client runs, namespaces flattened, in order."""
-        found: list[tuple[str | None, ClientTool]] = []
-        for tool in self.tools or []:
-            if isinstance(tool, NamespaceTool):
-                found.extend((tool.name, inner) for inner in tool.tools)
-            elif isinstance(tool, FunctionTool | CustomTool):
-                found.append((None, tool))
-        return found
+        """(namespace or None, tool) for every tool the model may call, namespaces flattened, in order: the
+        request's tools, then the ones a tool search loaded (a loaded definition replaces the request's
+        tool of the same flat name, which was deferred)."""
+        tools = {flat_tool_name(ns, tool.name): (ns, tool) for ns, tool in flatten_tools(self.tools)}
+        for namespace, tool in self.loaded_tools():
+            tools[flat_tool_name(namespace, tool.name)] = (namespace, tool)
+        return list(tools.values())
+
+    def deferred_names(self) -> set[str]:
+        """Flat names of the request's `defer_loading` tools that no tool search in `input` has loaded."""
+        loaded = {flat_tool_name(ns, tool.name) for ns, tool in self.loaded_tools()}
+        deferred = {
+            flat_tool_name(ns, t.name) for ns, t in flatten_tools(self.tools) if getattr(t, "defer_loading", None)
+        }
+        return deferred - loaded
 
     def tool_names(self) -> dict[str, tuple[str | None, str]]:
         """The model's flat tool name -> (namespace, the client's name), for mapping calls back."""
         return {flat_tool_name(ns, tool.name): (ns, tool.name) for ns, tool in self.client_tools()}
+
+    def tool_search_name(self) -> str | None:
+        """The function name a client-run tool search is listed under, when the request has one."""
+        return ToolSearchTool.name if any(isinstance(t, ToolSearchTool) for t in self.tools or []) else None
+
+
+def flatten_tools(tools: list[RequestTool] | None) -> list[tuple[str | None, ClientTool]]:
+    """(namespace or None, tool) for every tool the client runs, namespaces flattened, in order."""
+    found: list[tuple[str | None, ClientTool]] = []
+    for tool in tools or []:
+        if isinstance(tool, NamespaceTool):
+            found.extend((tool.name, inner) for inner in tool.tools)
+        elif isinstance(tool, FunctionTool | CustomTool | ToolSearchTool):
+            found.append((None, tool))
+    return found
 
 
 def _refuse_state(req: ResponsesRequest) -> None:
@@ -293,13 +367,19 @@ def _unavailable(tool_type: str) -> str:
             f"the built-in tool {tool_type!r} is answered with its own call items, which this server does not "
             "produce; declare it as a function or custom tool instead"
         )
+    elif tool_type == "tool_search":
+        why = (
+            "hosted tool search runs on OpenAI's servers and is not available here; run it in the client "
+            '(`"execution": "client"`) or leave it out'
+        )
     else:
         why = f"the hosted tool {tool_type!r} runs on OpenAI's servers and is not available here; leave it out"
     return f"{why}, or list it in the {OPTIONAL_TOOLS_HEADER} header to have it dropped"
 
 
 def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
-    """Hosted tools are refused by name unless optional (then dropped); flat names must be unique."""
+    """Hosted tools are refused by name unless optional (then dropped); a tool search loads function, custom
+    and namespace tools only; flat names must be unique."""
     kept: list[Any] = []
     for index, tool in enumerate(req.tools or []):
         if isinstance(tool, HostedTool):
@@ -308,8 +388,16 @@ def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
             raise bad_request(f"tools[{index}]: {_unavailable(tool.type)}", param=f"tools[{index}].type")
         kept.append(tool)
     req.tools = kept if req.tools is not None else None
+    for index, item in enumerate(req.input if isinstance(req.input, list) else []):
+        for position, loaded in enumerate(item.tools if isinstance(item, ToolSearchOutputItem) else []):
+            if isinstance(loaded, HostedTool | ToolSearchTool):
+                raise bad_request(
+                    f"input[{index}].tools[{position}]: a tool search can load function, custom and namespace "
+                    f"tools, not {loaded.type!r}",
+                    param=f"input[{index}].tools[{position}].type",
+                )
     seen: set[str] = set()
-    for namespace, tool in req.client_tools():
+    for namespace, tool in flatten_tools(req.tools):
         flat = flat_tool_name(namespace, tool.name)
         if flat in seen:
             raise bad_request(

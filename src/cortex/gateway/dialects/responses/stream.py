@@ -25,6 +25,7 @@ from cortex.gateway.dialects.responses.request import (
     ResponsesRequest,
 )
 from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
+from cortex.gateway.dialects.responses.tool_search import is_search_call, tool_search_call_item
 
 
 class _OpenItem:
@@ -49,9 +50,10 @@ class ResponsesStream(ChunkTranslator):
     `response.content_part.done`, `response.output_item.done`; per function call
     `response.output_item.added`, `response.function_call_arguments.delta`..., `.done`,
     `response.output_item.done`; per custom tool call the same with `response.custom_tool_call_input.delta`
-    and `.done`; and last `response.completed` (or `response.incomplete` when the
-    output hit `max_output_tokens`). Reasoning streams as a `reasoning` item with
-    `response.reasoning_text.delta` events.
+    and `.done`; per call to the client-run tool search `response.output_item.added` and
+    `response.output_item.done` of a `tool_search_call` item (the spec has no argument deltas for it);
+    and last `response.completed` (or `response.incomplete` when the output hit `max_output_tokens`).
+    Reasoning streams as a `reasoning` item with `response.reasoning_text.delta` events.
     """
 
     def __init__(self, req: ResponsesRequest, *, response_id: str | None = None) -> None:
@@ -170,8 +172,13 @@ class ResponsesStream(ChunkTranslator):
         item = self._tool_items.get(index)
         if item is None:
             events.extend(self._close_open())
-            kind = "custom_tool_call" if custom else "function_call"
-            item = self._open_item(kind, _new_id("ctc" if custom else "fc"))
+            if custom:
+                kind, prefix = "custom_tool_call", "ctc"
+            elif is_search_call(self.req, body.get("name") or ""):
+                kind, prefix = "tool_search_call", "ts"  # the spec streams no argument deltas for it
+            else:
+                kind, prefix = "function_call", "fc"
+            item = self._open_item(kind, _new_id(prefix))
             item.call_id = fragment.get("id") or _new_id("call")
             item.name = body.get("name") or ""
             self._tool_items[index] = item
@@ -184,7 +191,9 @@ class ResponsesStream(ChunkTranslator):
             return events
         item.name = item.name or body.get("name") or ""
         text = body.get("input" if custom else "arguments")
-        if text:
+        if text and item.kind == "tool_search_call":
+            item.text.append(text)
+        elif text:
             item.text.append(text)
             name = "response.custom_tool_call_input.delta" if custom else "response.function_call_arguments.delta"
             events.append(self._event(name, item_id=item.item_id, output_index=item.output_index, delta=text))
@@ -194,6 +203,8 @@ class ResponsesStream(ChunkTranslator):
         """The call's output item: the text so far when done (empty while in progress), the client's names."""
         namespace, name = client_name(self.req, item.name)
         text = "".join(item.text) if status == "completed" else ""
+        if item.kind == "tool_search_call":
+            return tool_search_call_item(item.item_id, item.call_id, text, status)
         if item.kind == "custom_tool_call":
             return custom_tool_call_item(item.item_id, item.call_id, name, text, namespace)
         return function_call_item(item.item_id, item.call_id, name, text, status, namespace)
@@ -220,6 +231,8 @@ class ResponsesStream(ChunkTranslator):
                     arguments=text,
                 )
             ]
+        elif item.kind == "tool_search_call":
+            done, events = self._call(item, "completed"), []
         elif item.kind == "custom_tool_call":
             done = self._call(item, "completed")
             events = [

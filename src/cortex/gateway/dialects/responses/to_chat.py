@@ -4,7 +4,7 @@ Stateless: every request carries its whole conversation in `input`. `instruction
 first system message, verbatim. Function and custom tools change shape (flat in Responses, nested
 in Chat); a namespace's tools are listed one by one under flat names (`flat_tool_name`). Function
 and custom calls and their outputs map onto assistant `tool_calls` and `tool` messages, matched by
-`call_id`.
+`call_id`. Client-run tool search, its items and deferred tools: `tool_search.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from cortex.gateway.dialects.responses.request import (
     Refusal,
     ResponsesRequest,
     TextFormat,
+    ToolSearchCallItem,
+    ToolSearchOutputItem,
+    ToolSearchTool,
     flat_tool_name,
+)
+from cortex.gateway.dialects.responses.tool_search import (
+    DEFAULT_DESCRIPTION,
+    DEFAULT_PARAMETERS,
+    search_call,
+    search_result,
 )
 
 ChatMessage = dict[str, Any]
@@ -46,7 +55,12 @@ def new_response_id() -> str:
 def to_chat_request(req: ResponsesRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"model": req.model, "messages": to_chat_messages(req)}
     allowed = allowed_tools(req.tool_choice)
-    tools = [to_chat_tool(t, ns) for ns, t in req.client_tools() if allowed is None or (ns, t.name) in allowed]
+    deferred = req.deferred_names()
+    tools = [
+        to_chat_tool(t, ns, deferred=flat_tool_name(ns, t.name) in deferred)
+        for ns, t in req.client_tools()
+        if allowed is None or (ns, t.name) in allowed
+    ]
     if allowed is not None and not tools:
         raise bad_request("tool_choice.tools names none of the request's tools", param="tool_choice.tools")
     if tools:
@@ -90,17 +104,21 @@ def allowed_tools(choice: str | dict[str, Any] | None) -> set[tuple[str | None, 
     return names
 
 
-def to_chat_tool(tool: ClientTool, namespace: str | None = None) -> dict[str, Any]:
+def to_chat_tool(tool: ClientTool, namespace: str | None = None, *, deferred: bool = False) -> dict[str, Any]:
     """A function tool in Chat's nested shape, or a custom tool as the neuron's chat API takes it
-    (`{"type": "custom", "custom": {name, description, format}}`, a grammar nested as Chat nests it)."""
+    (`{"type": "custom", "custom": {name, description, format}}`, a grammar nested as Chat nests it).
+    A client-run tool search is the function `tool_search`; a deferred tool has no schema or grammar yet."""
     name = flat_tool_name(namespace, tool.name)
+    if isinstance(tool, ToolSearchTool):
+        parameters = tool.parameters or DEFAULT_PARAMETERS
+        return function_tool(name, parameters, tool.description or DEFAULT_DESCRIPTION)
     if not isinstance(tool, CustomTool):
-        return function_tool(name, tool.parameters, tool.description, tool.strict)
+        return function_tool(name, None if deferred else tool.parameters, tool.description, tool.strict)
     custom: dict[str, Any] = {"name": name}
     if tool.description is not None:
         custom["description"] = tool.description
     fmt = tool.format
-    if fmt is not None and fmt.type == "grammar":
+    if fmt is not None and fmt.type == "grammar" and not deferred:
         custom["format"] = {"type": "grammar", "grammar": {"syntax": fmt.syntax, "definition": fmt.definition}}
     else:
         custom["format"] = {"type": "text"}
@@ -144,11 +162,18 @@ def to_chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
         messages.append({"role": "user", "content": req.input})
         return messages
     reasoning: list[str] = []  # reasoning items wait for the assistant turn they belong to
+    search_id = ""  # a hosted search's items have no call_id: its output answers the call just before
     for item in req.input:
         if isinstance(item, ReasoningItem):
             reasoning.append(item.text())
+        elif isinstance(item, ToolSearchCallItem):
+            search_id = item.call_id or item.id or _new_id("call")
+            _append_call(messages, search_call(search_id, item.arguments), reasoning)
+        elif isinstance(item, ToolSearchOutputItem):
+            call_id = item.call_id or search_id
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": search_result(item)})
         elif isinstance(item, FunctionCallItem | CustomToolCallItem):
-            _append_call(messages, item, reasoning)
+            _append_call(messages, _chat_call(item), reasoning)
         elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _tool_output(item.output)})
         elif isinstance(item, MessageItem):
@@ -163,15 +188,15 @@ def _message(item: MessageItem, reasoning: list[str]) -> ChatMessage:
     return message
 
 
-def _append_call(
-    messages: list[ChatMessage], item: FunctionCallItem | CustomToolCallItem, reasoning: list[str]
-) -> None:
-    """Consecutive tool calls (and the assistant text just before them) are one Chat turn."""
+def _chat_call(item: FunctionCallItem | CustomToolCallItem) -> dict[str, Any]:
     name = flat_tool_name(item.namespace, item.name)
     if isinstance(item, CustomToolCallItem):
-        call: dict[str, Any] = {"id": item.call_id, "type": "custom", "custom": {"name": name, "input": item.input}}
-    else:
-        call = {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}}
+        return {"id": item.call_id, "type": "custom", "custom": {"name": name, "input": item.input}}
+    return {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}}
+
+
+def _append_call(messages: list[ChatMessage], call: dict[str, Any], reasoning: list[str]) -> None:
+    """Consecutive tool calls (and the assistant text just before them) are one Chat turn."""
     last = messages[-1] if messages else None
     if last is None or last["role"] != "assistant":
         last = {"role": "assistant", "content": None}

@@ -11,9 +11,9 @@ call goes back to Codex as a streamed `custom_tool_call`, Codex applies the patc
 
 Codex's configuration here is the one docs/clients.md gives, plus what makes a test of it hermetic:
 its own CODEX_HOME and HOME, no retries, no update check, no analytics and no plugin sync (the plugin
-sync was the only thing that looked up a host other than the gateway). The hosted tools it sends
-(`web_search`, `tool_search`) are marked optional with the gateway's X-Cortex-Optional-Tools header,
-as docs/clients.md says, so they are dropped instead of refused.
+sync was the only thing that looked up a host other than the gateway). No gateway-specific header:
+`web_search = "disabled"` keeps Codex from sending the hosted web search, and the tool search it
+runs itself (`tool_search` with `execution: "client"`) reaches the neuron as a function tool.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def codex_config(gateway_url: str) -> str:
 model = "{CODEX_MODEL}"
 model_provider = "cortex"
 model_context_window = {CONTEXT}
+web_search = "disabled"  # the hosted web search only OpenAI runs: Codex then leaves it out of its requests
 check_for_update_on_startup = false
 
 [analytics]
@@ -103,7 +104,6 @@ env_key = "CORTEX_API_KEY"
 request_max_retries = 0
 stream_max_retries = 0
 stream_idle_timeout_ms = 20000
-http_headers = {{ "X-Cortex-Optional-Tools" = "web_search,tool_search" }}
 """
 
 
@@ -162,7 +162,12 @@ def test_codex_applies_the_models_patch_through_the_gateway(fleet: Fleet, tmp_pa
     grammar = customs["apply_patch"]["format"]
     assert grammar["type"] == "grammar" and grammar["grammar"]["syntax"] == "lark"
     assert "begin_patch" in grammar["grammar"]["definition"]
-    assert not any(t["type"] not in ("function", "custom") for t in first["tools"])  # hosted tools were dropped
+    assert not any(t["type"] not in ("function", "custom") for t in first["tools"])
+    # Codex's own tool search went to the neuron as a function with Codex's description and parameters.
+    functions = {t["function"]["name"]: t["function"] for t in first["tools"] if t["type"] == "function"}
+    search = functions["tool_search"]
+    assert "query" in search["parameters"]["properties"] and "Tool discovery" in search["description"]
+    assert "web_search" not in functions
 
     # Turn 2: Codex's history carries the call as the model made it, and its custom_tool_call_output as a tool
     # message answering that call.

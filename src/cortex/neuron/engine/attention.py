@@ -12,7 +12,7 @@ worker thread runs its own model's forwards), which every layer's call reads:
    sync, no Python loop over sequences), so a decode step can be captured in a CUDA graph with
    fixed-shape inputs. An eager step with a single decode row (`decode_length` set from the host)
    gathers just its blocks, cuts them to its length and attends without a mask (on CPU a single
-   stream decoded ~10% faster than through the masked, padded SDPA; benchmarks/engine.py);
+   stream decoded 3-11% faster than through the masked, padded SDPA, in-process A/B; see docs/engine.md);
 3. each prefill chunk attends causally over its cached prefix plus itself (its own SDPA call).
 
 Grouped-query attention is computed without repeating K/V: the query heads that share a K/V head are

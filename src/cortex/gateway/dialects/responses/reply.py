@@ -14,17 +14,19 @@ from typing import Any
 from cortex.core.errors import ApiError
 from cortex.core.openai import cached_tokens
 from cortex.gateway.dialects.responses.request import (
+    ResponsesRequest,
+    TextFormat,
+)
+from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
+from cortex.gateway.dialects.responses.tool_search import is_search_call, tool_search_call_item
+from cortex.gateway.dialects.responses.tools import (
     CustomTool,
     FunctionTool,
     HostedTool,
     NamespaceTool,
     RequestTool,
-    ResponsesRequest,
-    TextFormat,
     ToolSearchTool,
 )
-from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
-from cortex.gateway.dialects.responses.tool_search import is_search_call, tool_search_call_item
 
 
 def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -8,17 +8,22 @@ than answered as if the earlier turns did not exist. Response objects are built 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from cortex.core.errors import bad_request
 from cortex.core.validation import parse_request
 from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, is_optional
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+from cortex.gateway.dialects.responses.tools import (
+    ClientTool,
+    HostedTool,
+    RequestTool,
+    ToolSearchTool,
+    flat_tool_name,
+    flatten_tools,
+)
+from cortex.gateway.dialects.responses.tools import Lenient as _Lenient
 
 
 class InputText(_Lenient):
@@ -121,99 +126,6 @@ class UnsupportedItem(_Lenient):
         raise ValueError(f"input items of type {self.type!r} are not supported")
 
 
-class FunctionTool(_Lenient):
-    """Responses' flat function tool. `defer_loading`: listed by name and description only until a
-    `tool_search_output` item loads it (`tool_search.py`)."""
-
-    type: Literal["function"]
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-    defer_loading: bool | None = None
-
-
-class CustomToolFormat(_Lenient):
-    """A custom tool's input: free text, or text in a Lark or regex grammar (enforced while decoding)."""
-
-    type: Literal["text", "grammar"] = "text"
-    syntax: Literal["lark", "regex"] | None = None
-    definition: str | None = None
-
-    @model_validator(mode="after")
-    def _grammar_needs_definition(self) -> CustomToolFormat:
-        if self.type == "grammar" and (self.syntax is None or not (self.definition or "").strip()):
-            raise ValueError("a grammar format needs 'syntax' ('lark' or 'regex') and a non-empty 'definition'")
-        return self
-
-
-class CustomTool(_Lenient):
-    """A tool that takes free-form text (Codex's `apply_patch`); its calls are `custom_tool_call` items."""
-
-    type: Literal["custom"]
-    name: str = Field(min_length=1)
-    description: str | None = None
-    format: CustomToolFormat | None = None
-    defer_loading: bool | None = None
-
-
-NamespacedTool = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
-
-
-class NamespaceTool(_Lenient):
-    """Function and custom tools grouped under a name (Codex's `multi_agent_v1`). The model sees each
-    under a flat name (`flat_tool_name`); its calls come back with `name` and `namespace` apart."""
-
-    type: Literal["namespace"]
-    name: str = Field(min_length=1)
-    description: str = ""
-    tools: list[NamespacedTool]
-
-
-class ToolSearchTool(_Lenient):
-    """Tool search the client runs (`execution: "client"`; Codex's BM25 search over its deferred tools).
-    The model sees it as a function `tool_search` with the client's description and parameters; its
-    calls are `tool_search_call` items, and the `tool_search_output` the client sends back loads tools."""
-
-    type: Literal["tool_search"]
-    execution: Literal["client"]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    name: ClassVar[str] = "tool_search"  # the function name the model calls it by
-
-
-class HostedTool(_Lenient):
-    """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, tool
-    search without `execution: "client"`, ...). Refused (400 naming it) unless the client marked it
-    optional (`optional_tools.py`)."""
-
-    type: str
-
-
-_TOOL_TAGS = {"function": "FunctionTool", "custom": "CustomTool", "namespace": "NamespaceTool"}
-
-
-def _tool_kind(tool: Any) -> str:
-    """The tool's class (CamelCase tags are left out of error paths: `tools.0.name: Field required`)."""
-    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
-    if kind == "tool_search":
-        execution = tool.get("execution") if isinstance(tool, dict) else getattr(tool, "execution", None)
-        return "ToolSearchTool" if execution == "client" else "HostedTool"
-    return _TOOL_TAGS.get(kind, "HostedTool") if isinstance(kind, str) else "HostedTool"
-
-
-RequestTool = Annotated[
-    Annotated[FunctionTool, Tag("FunctionTool")]
-    | Annotated[CustomTool, Tag("CustomTool")]
-    | Annotated[NamespaceTool, Tag("NamespaceTool")]
-    | Annotated[ToolSearchTool, Tag("ToolSearchTool")]
-    | Annotated[HostedTool, Tag("HostedTool")],
-    Discriminator(_tool_kind),
-]
-
-ClientTool = FunctionTool | CustomTool | ToolSearchTool
-
-
 class ToolSearchCallItem(_Lenient):
     """An earlier tool search call (the client ran it); goes back as a call to the `tool_search` function."""
 
@@ -258,14 +170,6 @@ InputItem = Annotated[
     | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
     Discriminator(_item_kind),
 ]
-
-NAMESPACE_SEPARATOR = "__"
-
-
-def flat_tool_name(namespace: str | None, name: str) -> str:
-    """The name the model sees for a tool: `<namespace>__<name>` inside a namespace (a valid function
-    name: OpenAI allows only letters, digits, `_` and `-`), else the tool's own name."""
-    return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if namespace else name
 
 
 class TextFormat(_Lenient):
@@ -334,17 +238,6 @@ class ResponsesRequest(_Lenient):
     def tool_search_name(self) -> str | None:
         """The function name a client-run tool search is listed under, when the request has one."""
         return ToolSearchTool.name if any(isinstance(t, ToolSearchTool) for t in self.tools or []) else None
-
-
-def flatten_tools(tools: list[RequestTool] | None) -> list[tuple[str | None, ClientTool]]:
-    """(namespace or None, tool) for every tool the client runs, namespaces flattened, in order."""
-    found: list[tuple[str | None, ClientTool]] = []
-    for tool in tools or []:
-        if isinstance(tool, NamespaceTool):
-            found.extend((tool.name, inner) for inner in tool.tools)
-        elif isinstance(tool, FunctionTool | CustomTool | ToolSearchTool):
-            found.append((None, tool))
-    return found
 
 
 def _refuse_state(req: ResponsesRequest) -> None:

@@ -15,9 +15,7 @@ from typing import Any
 from cortex.core.errors import bad_request
 from cortex.core.openai import function_tool
 from cortex.gateway.dialects.responses.request import (
-    ClientTool,
     ContentPart,
-    CustomTool,
     CustomToolCallItem,
     CustomToolCallOutputItem,
     FunctionCallItem,
@@ -30,14 +28,18 @@ from cortex.gateway.dialects.responses.request import (
     TextFormat,
     ToolSearchCallItem,
     ToolSearchOutputItem,
-    ToolSearchTool,
-    flat_tool_name,
 )
 from cortex.gateway.dialects.responses.tool_search import (
     DEFAULT_DESCRIPTION,
     DEFAULT_PARAMETERS,
     search_call,
     search_result,
+)
+from cortex.gateway.dialects.responses.tools import (
+    ClientTool,
+    CustomTool,
+    ToolSearchTool,
+    flat_tool_name,
 )
 
 ChatMessage = dict[str, Any]

@@ -22,6 +22,8 @@ from typing import Any
 from cortex.gateway.dialects.responses.request import (
     ResponsesRequest,
     ToolSearchOutputItem,
+)
+from cortex.gateway.dialects.responses.tools import (
     flat_tool_name,
     flatten_tools,
 )

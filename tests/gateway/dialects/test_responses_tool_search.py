@@ -10,13 +10,11 @@ from typing import Any
 import pytest
 from openai.types.responses import ResponseToolSearchCall
 
-from cortex.core.errors import ApiError
-from cortex.core.openai import ChatCompletionRequest
 from cortex.gateway.dialects.responses.reply import to_response
 from cortex.gateway.dialects.responses.request import parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
-from cortex.gateway.dialects.responses.to_chat import to_chat_request
 from tests.support.dialect_schemas import assert_response, assert_responses_event
+from tests.support.responses_translate import rejected, translate
 
 SEARCH_PARAMETERS = {
     "type": "object",
@@ -58,19 +56,6 @@ SEARCH_OUTPUT = {
     "status": "completed",
     "tools": [CRM],
 }
-
-
-def translate(**fields: Any) -> dict[str, Any]:
-    chat = to_chat_request(parse_responses_request({"model": "m", "input": "hi", **fields}))
-    ChatCompletionRequest.model_validate(chat)
-    return chat
-
-
-def rejected(**fields: Any) -> ApiError:
-    with pytest.raises(ApiError) as caught:
-        to_chat_request(parse_responses_request({"model": "m", **fields}))
-    assert caught.value.status == 400
-    return caught.value
 
 
 def functions(chat: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 
 from cortex.core.errors import ApiError
-from cortex.core.openai import ChatCompletionRequest
 from cortex.gateway.dialects.optional_tools import optional_tools
 from cortex.gateway.dialects.responses.reply import to_response
 from cortex.gateway.dialects.responses.request import parse_responses_request
 from cortex.gateway.dialects.responses.stream import ResponsesStream
 from cortex.gateway.dialects.responses.to_chat import to_chat_request
 from tests.support.dialect_schemas import assert_response, assert_responses_event
+from tests.support.responses_translate import rejected, translate
 
 WEATHER_TOOL = {
     "type": "function",
@@ -22,19 +22,6 @@ WEATHER_TOOL = {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     "strict": True,
 }
-
-
-def translate(**fields: Any) -> dict[str, Any]:
-    chat = to_chat_request(parse_responses_request({"model": "m", "input": "hi", **fields}))
-    ChatCompletionRequest.model_validate(chat)
-    return chat
-
-
-def rejected(**fields: Any) -> ApiError:
-    with pytest.raises(ApiError) as caught:
-        to_chat_request(parse_responses_request({"model": "m", **fields}))
-    assert caught.value.status == 400
-    return caught.value
 
 
 # ------------------------------------------------------------------------------ requests

@@ -41,6 +41,14 @@ class _OpenItem:
         self.name = ""  # as the model wrote it (flat); mapped back to the client's name when sent
 
 
+# The event that ends each kind of call's streamed text, with the field that carries the whole of it.
+_CALL_DONE_EVENTS: dict[str, tuple[str, str] | None] = {
+    "function_call": ("response.function_call_arguments.done", "arguments"),
+    "custom_tool_call": ("response.custom_tool_call_input.done", "input"),
+    "tool_search_call": None,
+}
+
+
 class ResponsesStream(ChunkTranslator):
     """Feeds OpenAI chat chunks (parsed dicts), emits the Responses stream events in the documented
     order, each with its `sequence_number`:
@@ -221,28 +229,11 @@ class ResponsesStream(ChunkTranslator):
             return []
         self._open = None
         text = "".join(item.text)
-        if item.kind == "function_call":
-            done = self._call(item, "completed")
-            events = [
-                self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item.item_id,
-                    output_index=item.output_index,
-                    arguments=text,
-                )
-            ]
-        elif item.kind == "tool_search_call":
+        if item.kind in _CALL_DONE_EVENTS:  # a call's own done event (a tool search has none), then the item's
             done, events = self._call(item, "completed"), []
-        elif item.kind == "custom_tool_call":
-            done = self._call(item, "completed")
-            events = [
-                self._event(
-                    "response.custom_tool_call_input.done",
-                    item_id=item.item_id,
-                    output_index=item.output_index,
-                    input=text,
-                )
-            ]
+            if (closing := _CALL_DONE_EVENTS[item.kind]) is not None:
+                event, field = closing
+                events.append(self._event(event, item_id=item.item_id, output_index=item.output_index, **{field: text}))
         elif item.kind == "message":
             item.logprobs.extend(self._pending_logprobs)  # tokens whose text was held back, then ended the message
             self._pending_logprobs = []

@@ -12,7 +12,7 @@ A connection failure before the neuron saw the request is retried on another rep
 cold load elsewhere): inference has no side effects. The failed node is probed, and routed around
 when the probe fails too (docs/gateway.md, "Routing a request").
 
-A request that failed on a neuron before any output (relay.py decides which failures those are)
+A request that failed on a neuron before any output (failover.py says which failures those are)
 is opened once more with `failed` naming that neuron: on another replica that has the model
 loaded; else, when the model is recovering, on the first replica that is loaded again, waiting at
 most `first_byte_timeout_s` (the client hears keep-alives meanwhile); else as after a connection

@@ -142,7 +142,7 @@ async def serve(
         if not await drain.drain(gateway.config.drain_timeout_s):
             log_event(log, "gateway.drain_timeout", logging.WARNING, cut=drain.in_flight)
             # What is still running ends with an error in its client's dialect, not a bare close.
-            gateway.relay.cut_all(SHUTTING_DOWN)
+            gateway.relay.cut_all(shutting_down)
             await drain.drain(CUT_GRACE_S)
         for runner in runners:
             await runner.cleanup()
@@ -150,9 +150,13 @@ async def serve(
         log_event(log, "gateway.stopped")
 
 
-# The error a request still running at the end of the drain gets; the time its handler has to send it.
-SHUTTING_DOWN = ApiError(503, "the gateway shut down before the answer was complete; retry", code="shutting_down")
+# How long the requests still running at the end of the drain have to send their error.
 CUT_GRACE_S = 2.0
+
+
+def shutting_down() -> ApiError:
+    """The error a request still running at the end of the drain gets (a stream: in its client's dialect)."""
+    return ApiError(503, "the gateway shut down before the answer was complete; retry", code="shutting_down")
 
 
 def run(fleet: FleetConfig) -> None:

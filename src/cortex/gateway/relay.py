@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +105,11 @@ class Relay:
         check_model(model_id)  # the request's API key may be limited to some models (limits.py)
         return model_id
 
-    def cut_all(self, err: ApiError) -> int:
+    def cut_all(self, error: Callable[[], ApiError]) -> int:
         """End every request in flight with `err` (the drain timeout ran out): an error event, not a close."""
         cut = list(self.live)
         for request in cut:
-            request.cut(err, retry=False)
+            request.cut(error(), retry=False)  # one exception object per task that raises it
         return len(cut)
 
     def node_lost(self, node: str, silent_for_s: float) -> int:
@@ -120,10 +120,12 @@ class Relay:
         A stream still receiving events is left alone: the neuron is busy, not gone.
         """
         now = time.perf_counter()
-        lost = ApiError(502, f"neuron '{node}' stopped answering its health checks", code="stream_interrupted")
         cut = [r for r in self.live if r.record.node == node and (r.unheard() or now - r.last_read >= silent_for_s)]
         for request in cut:
-            request.cut(lost, retry=True)
+            request.cut(
+                ApiError(502, f"neuron '{node}' stopped answering its health checks", code="stream_interrupted"),
+                retry=True,
+            )
         if cut:
             log_event(log, "upstream.node_lost", logging.WARNING, node=node, cut=len(cut))
         return len(cut)

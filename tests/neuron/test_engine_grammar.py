@@ -1,4 +1,4 @@
-"""Grammar-constrained decoding (`engine/grammar.py`): JSON Schema, JSON mode, Lark, regex, tool calls.
+"""Grammar-constrained decoding (`engine/grammar.py`, `token_mask.py`): JSON Schema, JSON mode, Lark, regex, tool calls.
 
 The matchers are driven the way the engine drives them (mask, pick an allowed token, advance) over the
 real SmolLM2 vocabulary, picking tokens at random: a random walk explores far stranger outputs than a
@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cortex.neuron.engine import grammar
-from cortex.neuron.engine.grammar import GrammarCompiler, GrammarMatcher, TokenMask
+from cortex.neuron.engine.grammar import GrammarCompiler
+from cortex.neuron.engine.token_mask import GrammarMatcher, TokenMask
 from cortex.neuron.engine.tools import parse_tool_calls
 from cortex.neuron.engine.types import EngineError
 

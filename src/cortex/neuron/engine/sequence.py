@@ -17,8 +17,8 @@ import torch
 
 from .blocks import BlockTable
 from .detokenize import IncrementalDetokenizer, StopMatcher
-from .grammar import GrammarMatcher
 from .sampling import clamp_seed
+from .token_mask import GrammarMatcher
 from .types import Finished, GenerationEvent, GenerationRequest, SamplingParams, TextDelta
 
 Delivery = list[GenerationEvent] | BaseException

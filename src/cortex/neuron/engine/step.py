@@ -21,12 +21,12 @@ import torch
 
 from .attention import AttentionContext, PrefillChunk, prefix_mask
 from .blocks import BlockManager
-from .grammar import TokenMask
 from .logprobs import step_logprobs, unpack
 from .runner import ModelRunner, StepBatch
 from .sampling import RowParams, SamplingBatch
 from .sequence import Sequence
 from .staging import StepStaging
+from .token_mask import TokenMask
 
 _NO_BLOCKS = torch.empty(0, dtype=torch.long)  # a prefill chunk's block ids until the step's upload
 

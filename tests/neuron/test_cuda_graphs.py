@@ -16,13 +16,13 @@ from cortex.neuron.engine import Engine, LoadSpec, ModelSource
 from cortex.neuron.engine.attention import AttentionContext, KVPool, PrefillChunk
 from cortex.neuron.engine.cuda_graphs import (
     DecodeGraphs,
-    EagerReplay,
     attention_bytes,
     batch_buckets,
     bucket_for,
     capture_decode_graphs,
     width_buckets,
 )
+from cortex.neuron.engine.graph_backends import EagerReplay
 from cortex.neuron.engine.runner import ModelRunner, StepBatch
 from tests.support.procs import run_neuron, wait_model_status
 
@@ -315,12 +315,12 @@ def test_releasing_the_cuda_backend_resets_every_graph_and_drops_cublas_workspac
 ) -> None:
     """Unload must not leave the private pool pinned: by a graph object someone still holds (reset it
     explicitly), or by the cuBLAS workspace cached for the capture stream, which lives in that pool."""
-    import cortex.neuron.engine.cuda_graphs as cuda_graphs
+    import cortex.neuron.engine.graph_backends as graph_backends
 
     cleared: list[str] = []
-    monkeypatch.setattr(cuda_graphs, "clear_cublas_workspaces", lambda: cleared.append("cleared"))
+    monkeypatch.setattr(graph_backends, "clear_cublas_workspaces", lambda: cleared.append("cleared"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    backend = cuda_graphs.CudaGraphBackend(torch.device("cpu"))
+    backend = graph_backends.CudaGraphBackend(torch.device("cpu"))
     graphs = [_FakeGraph(), _FakeGraph()]
     backend.graphs.extend(graphs)
     backend.pool = (1, 0)
@@ -351,7 +351,7 @@ def test_capture_tells_the_backend_when_it_is_done_and_release_reaches_it(
 
 
 def test_clearing_cublas_workspaces_is_a_no_op_without_cuda() -> None:
-    from cortex.neuron.engine.cuda_graphs import clear_cublas_workspaces
+    from cortex.neuron.engine.graph_backends import clear_cublas_workspaces
 
     clear_cublas_workspaces()
 

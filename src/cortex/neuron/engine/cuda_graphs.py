@@ -21,8 +21,9 @@ memory pool, captured largest first, so the pool is as large as the largest grap
 
 Capture runs once, on the device worker, after the model's warm-up; it needs the KV pool never to be
 reallocated afterwards (its addresses are baked into the graphs). CPU models never come here. The
-replay machinery (buckets, padding, static buffers) is independent of the graph itself, so a test can
-swap in a backend that runs the same forward eagerly over the same buffers (`EagerReplay`).
+replay machinery (buckets, padding, static buffers) is independent of the graph itself: recording
+and replaying a step is a backend's job (`graph_backends.py`), so a test can swap in one that runs
+the same forward eagerly over the same buffers (`EagerReplay`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from cortex.core.logs import log_event
 
 from .attention import AttentionContext
+from .graph_backends import CudaGraphBackend, GraphBackend
 from .runner import ModelRunner, StepBatch
 
 log = logging.getLogger(__name__)
@@ -87,91 +89,6 @@ def attention_bytes(batch: int, width: int, block_size: int, kv_heads: int, head
     """The gathered keys and values one layer's paged decode attention materialises for a (batch, width) step."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * batch * width * block_size * kv_heads * head_dim * element
-
-
-class GraphBackend(Protocol):
-    """Records `step` (which reads and writes only static tensors) and returns a replayable handle."""
-
-    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]: ...
-
-    def captured(self) -> None: ...
-
-    def release(self) -> None: ...
-
-
-class CudaGraphBackend:
-    """The real thing: warm up on a side stream, then capture into a pool shared by all of a model's graphs.
-
-    cuBLAS keeps one workspace per (handle, stream), allocated by the first matmul on a stream and
-    cached for the process's life. torch captures every graph on one shared capture stream, so the
-    first capture allocates that workspace inside this model's private pool, and the cache then pins
-    the pool after unload (~1 GiB still allocated on an H200 after unloading a tiny graph-captured
-    model, 32 MB without graphs) — and hands another model's capture a workspace in *this* pool. So
-    the cache is cleared before capture (this model's graphs get their own workspace, in their pool),
-    after it (nothing outside our graphs keeps a pointer into the pool; the graphs still own that
-    memory, and nothing else allocates from the pool), and at release. Release also resets each graph
-    explicitly, so the pool's use count drops even if some stray Python reference to a graph survives.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pool: Any = None
-        self.graphs: list[Any] = []  # every captured torch.cuda.CUDAGraph, reset at release
-
-    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            step()  # lazy initialisation (cuBLAS workspaces, kernels' first-call set-up) must not be captured
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            clear_cublas_workspaces()  # not one cached on the capture stream inside another model's pool
-        # thread_local: other device workers keep running their own CUDA work while this one captures.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            output = step()
-        self.graphs.append(graph)
-        if self.pool is None:
-            self.pool = graph.pool()
-        return graph.replay, output
-
-    def captured(self) -> None:
-        """All graphs are captured: drop the workspace cached on the capture stream (it lives in our pool)."""
-        clear_cublas_workspaces()
-
-    def release(self) -> None:
-        """Reset every graph and forget the pool: once no tensor uses it, `empty_cache` hands its memory back."""
-        torch.cuda.synchronize(self.device)  # no replay may still run on a graph being reset
-        for graph in self.graphs:
-            graph.reset()
-        self.graphs.clear()
-        self.pool = None
-        clear_cublas_workspaces()
-
-
-def clear_cublas_workspaces() -> None:
-    """Drop torch's cached cuBLAS/cuBLASLt workspaces (reallocated on the next matmul); a no-op without CUDA."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_available():
-        clear()
-
-
-class EagerReplay:
-    """For tests on CPU: "replaying" runs the same step eagerly over the same static buffers."""
-
-    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        holder: dict[str, torch.Tensor] = {"out": step()}
-
-        def replay() -> None:
-            holder["out"].copy_(step())
-
-        return replay, holder["out"]
-
-    def captured(self) -> None:
-        return None
-
-    def release(self) -> None:
-        return None
 
 
 @dataclass

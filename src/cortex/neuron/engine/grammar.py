@@ -44,6 +44,8 @@ CACHE_SIZE = 128  # compiled grammars kept per tokenizer
 CallSyntax = Literal["hermes", "llama3", "json"]
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
+CUSTOM_OPEN = "<input>"  # a custom (free-form) tool's input, inside its call
+CUSTOM_CLOSE = "</input>"
 
 
 @dataclass(frozen=True)
@@ -116,19 +118,19 @@ def tool_calls(
     subgrammars: list[dict[str, str]] = []
     bodies = []
     for index, tool in enumerate(tools):
-        name = _tool_name(tool)
+        kind, body = tool_kind(tool)
+        name = body["name"]
         head = f'"{{" WS {_literal(json.dumps("name"))} WS ":" WS {_literal(json.dumps(name))} WS'
-        if isinstance(tool, dict) and tool.get("type") == "custom":
+        if kind == "custom":
             if syntax != "hermes":
                 raise EngineError(f"custom tool {name!r}: this model's tool format ({syntax}) has no free-form calls")
             rules.append(_custom_input_rule(index, tool, subgrammars))
             bodies.append(f'{head} "}}" WS "{CUSTOM_OPEN}\\n" input_{index}')
             continue
-        function = _function(tool)
-        schema = function.get("parameters") or {"type": "object"}
+        schema = body.get("parameters") or {"type": "object"}
         if not isinstance(schema, dict):
             raise EngineError(f"tool {name!r}: parameters must be a JSON Schema object")
-        strict = bool(function.get("strict"))
+        strict = bool(body.get("strict"))
         schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **_json_options(strict)}}
         rules.append(f"args_{index}: %json {json.dumps(schema, ensure_ascii=False)}")
         bodies.append(f'{head} "," WS {_literal(json.dumps(key))} WS ":" WS args_{index} WS "}}"')
@@ -158,10 +160,6 @@ def tool_calls(
     return Grammar(json.dumps({"grammars": [{"lark_grammar": main}, *subgrammars]}), "tools")
 
 
-CUSTOM_OPEN = "<input>"
-CUSTOM_CLOSE = "</input>"
-
-
 def _custom_input_rule(index: int, tool: dict[str, Any], subgrammars: list[dict[str, str]]) -> str:
     """`input_N`: the custom tool's input and the closing tag, as its format allows."""
     custom = tool.get("custom") or {}
@@ -181,7 +179,12 @@ def _custom_input_rule(index: int, tool: dict[str, Any], subgrammars: list[dict[
     raise EngineError(f"custom tool {custom.get('name')!r}: grammar syntax must be 'lark' or 'regex', not {syntax!r}")
 
 
-def _tool_name(tool: Any) -> str:
+def tool_kind(tool: Any) -> tuple[str, dict[str, Any]]:
+    """("function" | "custom", the tool's body with its name); EngineError for anything else.
+
+    One check for both users: the call grammar here and tools.py's prompts and parsing, which build on
+    this module (so it lives in the lower of the two, as do the call syntax's tags).
+    """
     kind = tool.get("type", "function") if isinstance(tool, dict) else None
     body = tool.get(kind) if kind in ("function", "custom") else None
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
@@ -189,12 +192,7 @@ def _tool_name(tool: Any) -> str:
             "each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}} "
             "or {'type': 'custom', 'custom': {'name': ..., 'format': ...}}"
         )
-    return body["name"]
-
-
-def _function(tool: Any) -> dict[str, Any]:
-    _tool_name(tool)
-    return tool["function"]
+    return kind, body
 
 
 def _literal(text: str) -> str:

@@ -26,14 +26,10 @@ import uuid
 from typing import Any
 
 from . import grammar
-from .grammar import Grammar
+from .grammar import CUSTOM_CLOSE, CUSTOM_OPEN, HERMES_CLOSE, HERMES_OPEN, Grammar, tool_kind
 from .holdback import partial_marker_length
 from .types import EngineError, ParsedEvent, PlainText, ToolCall
 
-HERMES_OPEN = "<tool_call>"
-HERMES_CLOSE = "</tool_call>"
-CUSTOM_OPEN = "<input>"
-CUSTOM_CLOSE = "</input>"
 _CUSTOM_CALL = re.compile(r"\A\s*(\{.*?\})\s*<input>(.*)</input>\s*\Z", re.DOTALL)
 PYTHON_TAG = "<|python_tag|>"
 GENERIC = "generic"
@@ -111,18 +107,6 @@ def generic_tools_prompt(tools: list[dict[str, Any]]) -> str:
         lines.append(json.dumps(entry, ensure_ascii=False))
     prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(lines))
     return prompt + "\n\n" + CUSTOM_TOOLS_PROMPT if custom else prompt
-
-
-def tool_kind(tool: Any) -> tuple[str, dict[str, Any]]:
-    """("function" | "custom", the tool's body with its name); EngineError for anything else."""
-    kind = tool.get("type", "function") if isinstance(tool, dict) else None
-    body = tool.get(kind) if kind in ("function", "custom") else None
-    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
-        raise EngineError(
-            "each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}} "
-            "or {'type': 'custom', 'custom': {'name': ..., 'format': ...}}"
-        )
-    return kind, body
 
 
 def _custom_input_description(fmt: Any) -> Any:

@@ -184,7 +184,7 @@ def test_unknown_fields_are_ignored() -> None:
         ({"input": "x", "tools": [WEATHER_TOOL, {"type": "web_search"}]}, "tools[1].type", "'web_search'"),
         ({"input": "x", "tools": [{"type": "code_interpreter", "container": {}}]}, "tools[0].type", "OpenAI's servers"),
         ({"input": "x", "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools", "two tools are called 'weather'"),
-        ({"input": "x", "tools": [{"type": "shell"}]}, "tools[0].type", "declare it as a function or custom tool"),
+        ({"input": "x", "tools": [{"type": "computer"}]}, "tools[0].type", "declare function tools for it instead"),
         (
             {
                 "input": "x",

@@ -2,8 +2,9 @@
 
 Output items are, in order: reasoning (when the model thought), the message, then one
 `function_call` or `custom_tool_call` item per tool call, named as the client declared the tool
-(a namespaced tool's flat name split back into `namespace` and `name`), or a `tool_search_call` item
-for a call to the client-run tool search.
+(a namespaced tool's flat name split back into `namespace` and `name`), a `tool_search_call` item
+for a call to the client-run tool search, or a `shell_call`, `local_shell_call` or `apply_patch_call`
+item for a call to one of those built-in tools (`builtin_tools.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from cortex.core.errors import ApiError
 from cortex.core.openai import cached_tokens
+from cortex.gateway.dialects.responses import builtin_tools
 from cortex.gateway.dialects.responses.request import (
     ResponsesRequest,
     TextFormat,
@@ -20,6 +22,7 @@ from cortex.gateway.dialects.responses.request import (
 from cortex.gateway.dialects.responses.to_chat import _new_id, new_response_id
 from cortex.gateway.dialects.responses.tool_search import is_search_call, tool_search_call_item
 from cortex.gateway.dialects.responses.tools import (
+    BuiltInTool,
     CustomTool,
     FunctionTool,
     HostedTool,
@@ -87,6 +90,8 @@ def tool_call_item(req: ResponsesRequest, call: dict[str, Any]) -> dict[str, Any
     arguments = function.get("arguments") or ""
     if is_search_call(req, function.get("name", "")):
         return tool_search_call_item(_new_id("ts"), call_id, arguments)
+    if kind := builtin_tools.call_kind(req.tools, function.get("name", "")):
+        return builtin_tools.call_item(kind, _new_id(kind.removesuffix("_call")), call_id, arguments)
     namespace, name = client_name(req, function.get("name", ""))
     return function_call_item(_new_id("fc"), call_id, name, arguments, namespace=namespace)
 
@@ -158,6 +163,8 @@ def _echo_tool(tool: RequestTool) -> dict[str, Any]:
         return {"type": "namespace", "name": tool.name, "description": tool.description, "tools": inner}
     if isinstance(tool, ToolSearchTool):
         return tool.model_dump(exclude_none=True)
+    if isinstance(tool, BuiltInTool):
+        return {"type": tool.type}
     if isinstance(tool, CustomTool):
         echoed: dict[str, Any] = {"type": "custom", "name": tool.name}
         if tool.description is not None:

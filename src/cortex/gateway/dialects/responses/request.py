@@ -15,7 +15,16 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from cortex.core.errors import bad_request
 from cortex.core.validation import parse_request
 from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, is_optional
+from cortex.gateway.dialects.responses.builtin_tools import (
+    ApplyPatchCallItem,
+    ApplyPatchCallOutputItem,
+    LocalShellCallItem,
+    LocalShellCallOutputItem,
+    ShellCallItem,
+    ShellCallOutputItem,
+)
 from cortex.gateway.dialects.responses.tools import (
+    BuiltInTool,
     ClientTool,
     HostedTool,
     RequestTool,
@@ -156,6 +165,12 @@ _ITEM_KINDS = (
     "reasoning",
     "tool_search_call",
     "tool_search_output",
+    "shell_call",
+    "shell_call_output",
+    "local_shell_call",
+    "local_shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
 )
 
 InputItem = Annotated[
@@ -167,6 +182,12 @@ InputItem = Annotated[
     | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[ToolSearchCallItem, Tag("tool_search_call")]
     | Annotated[ToolSearchOutputItem, Tag("tool_search_output")]
+    | Annotated[ShellCallItem, Tag("shell_call")]
+    | Annotated[ShellCallOutputItem, Tag("shell_call_output")]
+    | Annotated[LocalShellCallItem, Tag("local_shell_call")]
+    | Annotated[LocalShellCallOutputItem, Tag("local_shell_call_output")]
+    | Annotated[ApplyPatchCallItem, Tag("apply_patch_call")]
+    | Annotated[ApplyPatchCallOutputItem, Tag("apply_patch_call_output")]
     | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
     Discriminator(_item_kind),
 ]
@@ -250,15 +271,16 @@ def _refuse_state(req: ResponsesRequest) -> None:
         raise bad_request("background responses are not supported; stream instead", param="background")
 
 
-# OpenAI-defined tools the client runs, but whose calls are their own item types (`shell_call`, ...).
-_BUILT_IN_CLIENT_TOOLS = ("local_shell", "shell", "apply_patch", "computer", "computer_use_preview")
+# OpenAI-defined tools the client runs that need screenshots in their outputs (shell, local_shell and
+# apply_patch are served: `builtin_tools.py`).
+_SCREEN_TOOLS = ("computer", "computer_use", "computer_use_preview")
 
 
 def _unavailable(tool_type: str) -> str:
-    if tool_type in _BUILT_IN_CLIENT_TOOLS:
+    if tool_type in _SCREEN_TOOLS:
         why = (
-            f"the built-in tool {tool_type!r} is answered with its own call items, which this server does not "
-            "produce; declare it as a function or custom tool instead"
+            f"the built-in tool {tool_type!r} drives a screen from screenshots (computer_call items with "
+            "screenshot outputs), which this server does not produce; declare function tools for it instead"
         )
     elif tool_type == "tool_search":
         why = (
@@ -283,7 +305,7 @@ def _check_tools(req: ResponsesRequest, optional: frozenset[str]) -> None:
     req.tools = kept if req.tools is not None else None
     for index, item in enumerate(req.input if isinstance(req.input, list) else []):
         for position, loaded in enumerate(item.tools if isinstance(item, ToolSearchOutputItem) else []):
-            if isinstance(loaded, HostedTool | ToolSearchTool):
+            if isinstance(loaded, HostedTool | ToolSearchTool | BuiltInTool):
                 raise bad_request(
                     f"input[{index}].tools[{position}]: a tool search can load function, custom and namespace "
                     f"tools, not {loaded.type!r}",

@@ -9,6 +9,7 @@ from cortex.core.errors import ApiError
 from cortex.core.openai import cached_tokens
 from cortex.core.sse import SseEvent
 from cortex.gateway.dialects.chunk_translator import ChunkTranslator
+from cortex.gateway.dialects.responses import builtin_tools
 from cortex.gateway.dialects.responses.reply import (
     _status,
     client_name,
@@ -46,7 +47,13 @@ _CALL_DONE_EVENTS: dict[str, tuple[str, str] | None] = {
     "function_call": ("response.function_call_arguments.done", "arguments"),
     "custom_tool_call": ("response.custom_tool_call_input.done", "input"),
     "tool_search_call": None,
+    "shell_call": None,
+    "local_shell_call": None,
+    "apply_patch_call": None,
 }
+# Calls whose item is whole only with all their arguments (an `apply_patch_call` must hold its operation):
+# added when the call ends, just before it is done.
+_ADDED_WHEN_DONE = frozenset(builtin_tools.CALL_KINDS.values())
 
 
 class ResponsesStream(ChunkTranslator):
@@ -60,6 +67,8 @@ class ResponsesStream(ChunkTranslator):
     `response.output_item.done`; per custom tool call the same with `response.custom_tool_call_input.delta`
     and `.done`; per call to the client-run tool search `response.output_item.added` and
     `response.output_item.done` of a `tool_search_call` item (the spec has no argument deltas for it);
+    per call to a built-in client tool the same of a `shell_call`, `local_shell_call` or `apply_patch_call`
+    item, both sent when the call ends (the added item already holds the whole action);
     and last `response.completed` (or `response.incomplete` when the output hit `max_output_tokens`).
     Reasoning streams as a `reasoning` item with `response.reasoning_text.delta` events.
     """
@@ -184,22 +193,25 @@ class ResponsesStream(ChunkTranslator):
                 kind, prefix = "custom_tool_call", "ctc"
             elif is_search_call(self.req, body.get("name") or ""):
                 kind, prefix = "tool_search_call", "ts"  # the spec streams no argument deltas for it
+            elif built_in := builtin_tools.call_kind(self.req.tools, body.get("name") or ""):
+                kind, prefix = built_in, built_in.removesuffix("_call")
             else:
                 kind, prefix = "function_call", "fc"
             item = self._open_item(kind, _new_id(prefix))
             item.call_id = fragment.get("id") or _new_id("call")
             item.name = body.get("name") or ""
             self._tool_items[index] = item
-            events.append(
-                self._event("response.output_item.added", output_index=item.output_index, item=self._call(item))
-            )
+            if kind not in _ADDED_WHEN_DONE:
+                events.append(
+                    self._event("response.output_item.added", output_index=item.output_index, item=self._call(item))
+                )
         elif item is not self._open:
             if body.get("arguments") or body.get("input"):
                 raise ApiError(502, "The model's server interleaved the arguments of several tool calls")
             return events
         item.name = item.name or body.get("name") or ""
         text = body.get("input" if custom else "arguments")
-        if text and item.kind == "tool_search_call":
+        if text and _CALL_DONE_EVENTS.get(item.kind, ()) is None:  # a call streamed without argument deltas
             item.text.append(text)
         elif text:
             item.text.append(text)
@@ -213,6 +225,8 @@ class ResponsesStream(ChunkTranslator):
         text = "".join(item.text) if status == "completed" else ""
         if item.kind == "tool_search_call":
             return tool_search_call_item(item.item_id, item.call_id, text, status)
+        if item.kind in _ADDED_WHEN_DONE:
+            return builtin_tools.call_item(item.kind, item.item_id, item.call_id, "".join(item.text), status)
         if item.kind == "custom_tool_call":
             return custom_tool_call_item(item.item_id, item.call_id, name, text, namespace)
         return function_call_item(item.item_id, item.call_id, name, text, status, namespace)
@@ -231,6 +245,9 @@ class ResponsesStream(ChunkTranslator):
         text = "".join(item.text)
         if item.kind in _CALL_DONE_EVENTS:  # a call's own done event (a tool search has none), then the item's
             done, events = self._call(item, "completed"), []
+            if item.kind in _ADDED_WHEN_DONE:
+                added = self._call(item, "in_progress")
+                events.append(self._event("response.output_item.added", output_index=item.output_index, item=added))
             if (closing := _CALL_DONE_EVENTS[item.kind]) is not None:
                 event, field = closing
                 events.append(self._event(event, item_id=item.item_id, output_index=item.output_index, **{field: text}))

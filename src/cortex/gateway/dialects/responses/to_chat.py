@@ -4,7 +4,8 @@ Stateless: every request carries its whole conversation in `input`. `instruction
 first system message, verbatim. Function and custom tools change shape (flat in Responses, nested
 in Chat); a namespace's tools are listed one by one under flat names (`flat_tool_name`). Function
 and custom calls and their outputs map onto assistant `tool_calls` and `tool` messages, matched by
-`call_id`. Client-run tool search, its items and deferred tools: `tool_search.py`.
+`call_id`. Client-run tool search, its items and deferred tools: `tool_search.py`; the built-in tools the
+client runs (shell, local_shell, apply_patch) and their items: `builtin_tools.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from cortex.core.errors import bad_request
 from cortex.core.openai import function_tool
+from cortex.gateway.dialects.responses import builtin_tools
 from cortex.gateway.dialects.responses.request import (
     ContentPart,
     CustomToolCallItem,
@@ -36,6 +38,7 @@ from cortex.gateway.dialects.responses.tool_search import (
     search_result,
 )
 from cortex.gateway.dialects.responses.tools import (
+    BuiltInTool,
     ClientTool,
     CustomTool,
     ToolSearchTool,
@@ -100,9 +103,12 @@ def allowed_tools(choice: str | dict[str, Any] | None) -> set[tuple[str | None, 
         raise bad_request("tool_choice.tools must be a list of tools", param="tool_choice.tools")
     names: set[tuple[str | None, str]] = set()
     for entry in permitted:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        if isinstance(entry, dict) and entry.get("type") in builtin_tools.CALL_KINDS:
+            names.add((None, entry["type"]))  # a built-in tool is named by its type
+        elif not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise bad_request("each allowed tool needs its 'type' and 'name'", param="tool_choice.tools")
-        names.add((entry.get("namespace"), entry["name"]))
+        else:
+            names.add((entry.get("namespace"), entry["name"]))
     return names
 
 
@@ -111,6 +117,8 @@ def to_chat_tool(tool: ClientTool, namespace: str | None = None, *, deferred: bo
     (`{"type": "custom", "custom": {name, description, format}}`, a grammar nested as Chat nests it).
     A client-run tool search is the function `tool_search`; a deferred tool has no schema or grammar yet."""
     name = flat_tool_name(namespace, tool.name)
+    if isinstance(tool, BuiltInTool):
+        return builtin_tools.chat_tool(tool)
     if isinstance(tool, ToolSearchTool):
         parameters = tool.parameters or DEFAULT_PARAMETERS
         return function_tool(name, parameters, tool.description or DEFAULT_DESCRIPTION)
@@ -138,6 +146,10 @@ def to_chat_tool_choice(choice: str | dict[str, Any], req: ResponsesRequest | No
         if req is not None and name not in req.tool_names():
             raise bad_request(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
         return {"type": kind, kind: {"name": name}}
+    if kind in ("shell", "apply_patch"):  # the spec's choices of a built-in tool, named by its type
+        if req is not None and kind not in req.tool_names():
+            raise bad_request(f"tool_choice names {kind!r}, which is not one of the tools", param="tool_choice")
+        return {"type": "function", "function": {"name": kind}}
     if kind == "allowed_tools":  # the subset is applied to the tools listed (`allowed_tools`)
         return "required" if choice.get("mode") == "required" else "auto"
     raise bad_request(f"tool_choice of type {kind!r} is not supported; use a function tool", param="tool_choice")
@@ -178,6 +190,11 @@ def to_chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
             _append_call(messages, _chat_call(item), reasoning)
         elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _tool_output(item.output)})
+        elif isinstance(item, builtin_tools.BuiltInCallItem):
+            _append_call(messages, builtin_tools.chat_call(item), reasoning)
+        elif isinstance(item, builtin_tools.BuiltInOutputItem):
+            call_id = builtin_tools.output_call_id(item)
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": builtin_tools.output_text(item)})
         elif isinstance(item, MessageItem):
             messages.append(_message(item, reasoning))
     return messages

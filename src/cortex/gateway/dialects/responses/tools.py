@@ -1,5 +1,6 @@
 """OpenAI Responses tool types: function, custom (free text or a grammar), namespace, client-run tool
-search, and the hosted tools that are refused; and the flat names namespaced tools go by.
+search, the built-in tools the client runs (shell, local_shell, apply_patch), and the hosted tools that
+are refused; and the flat names namespaced tools go by.
 
 Lenient like the request: unknown fields are ignored.
 """
@@ -76,6 +77,20 @@ class ToolSearchTool(Lenient):
     name: ClassVar[str] = "tool_search"  # the function name the model calls it by
 
 
+class BuiltInTool(Lenient):
+    """One of OpenAI's built-in tools that the client runs (`shell`, `local_shell`, `apply_patch`). The model
+    sees it as a function of the same name with the parameters of the call's action (`builtin_tools.py`);
+    its calls are items of their own (`shell_call`, `local_shell_call`, `apply_patch_call`)."""
+
+    type: Literal["shell", "local_shell", "apply_patch"]
+    description: ClassVar[str | None] = None
+
+    @property
+    def name(self) -> str:
+        """The function name the model calls it by: the tool's type."""
+        return self.type
+
+
 class HostedTool(Lenient):
     """A tool OpenAI runs on its own servers (`web_search`, `file_search`, `code_interpreter`, `mcp`, tool
     search without `execution: "client"`, ...). Refused (400 naming it) unless the client marked it
@@ -84,7 +99,14 @@ class HostedTool(Lenient):
     type: str
 
 
-_TOOL_TAGS = {"function": "FunctionTool", "custom": "CustomTool", "namespace": "NamespaceTool"}
+_TOOL_TAGS = {
+    "function": "FunctionTool",
+    "custom": "CustomTool",
+    "namespace": "NamespaceTool",
+    "shell": "BuiltInTool",
+    "local_shell": "BuiltInTool",
+    "apply_patch": "BuiltInTool",
+}
 
 
 def _tool_kind(tool: Any) -> str:
@@ -101,11 +123,12 @@ RequestTool = Annotated[
     | Annotated[CustomTool, Tag("CustomTool")]
     | Annotated[NamespaceTool, Tag("NamespaceTool")]
     | Annotated[ToolSearchTool, Tag("ToolSearchTool")]
+    | Annotated[BuiltInTool, Tag("BuiltInTool")]
     | Annotated[HostedTool, Tag("HostedTool")],
     Discriminator(_tool_kind),
 ]
 
-ClientTool = FunctionTool | CustomTool | ToolSearchTool
+ClientTool = FunctionTool | CustomTool | ToolSearchTool | BuiltInTool
 
 
 NAMESPACE_SEPARATOR = "__"
@@ -123,6 +146,6 @@ def flatten_tools(tools: list[RequestTool] | None) -> list[tuple[str | None, Cli
     for tool in tools or []:
         if isinstance(tool, NamespaceTool):
             found.extend((tool.name, inner) for inner in tool.tools)
-        elif isinstance(tool, FunctionTool | CustomTool | ToolSearchTool):
+        elif isinstance(tool, FunctionTool | CustomTool | ToolSearchTool | BuiltInTool):
             found.append((None, tool))
     return found

@@ -9,7 +9,16 @@ header (comma-separated; `*` for every such tool; Anthropic types match with or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from cortex.gateway.bodies import read_json
+
 OPTIONAL_TOOLS_HEADER = "X-Cortex-Optional-Tools"
+
+R = TypeVar("R")
 
 
 def optional_tools(header: str | None) -> frozenset[str]:
@@ -19,3 +28,9 @@ def optional_tools(header: str | None) -> frozenset[str]:
 
 def is_optional(tool_type: str, optional: frozenset[str], family: str | None = None) -> bool:
     return "*" in optional or tool_type in optional or (family is not None and family in optional)
+
+
+async def read_request(request: web.Request, parse: Callable[[Any, frozenset[str]], R]) -> R:
+    """A dialect route's JSON body parsed by `parse`, with the tool types the client marked optional."""
+    payload, _ = await read_json(request)
+    return parse(payload, optional_tools(request.headers.get(OPTIONAL_TOOLS_HEADER)))

@@ -1,5 +1,8 @@
 """A stream translated from OpenAI chat chunks into a dialect's named events, for Anthropic and Responses.
 
+Both dialects answer the same way (`Translation.answer`): parse, send as OpenAI chat through the
+relay, translate back whole or as this stream; a dialect's routes name only what is its own.
+
 The stream starts (headers and the dialect's opening events) as soon as there is something to say:
 the first chunk, or the first keep-alive while a cold load runs. While nothing arrives, whether
 the model is loading or generating output the client does not see (reasoning it did not ask
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -23,6 +27,7 @@ from cortex.core.sse import KEEPALIVE, SseEvent, encode_events
 from cortex.gateway.bodies import json_response
 from cortex.gateway.client_stream import ClientStream
 from cortex.gateway.dialects.chunk_translator import ChunkTranslator
+from cortex.gateway.dialects.optional_tools import read_request
 from cortex.gateway.keepalive import with_keepalive
 from cortex.gateway.pipeline import internal_error
 from cortex.gateway.relay import Relay, chunks
@@ -32,20 +37,42 @@ log = logging.getLogger("cortex.gateway.dialects")
 CHAT_PATH = "/v1/chat/completions"
 
 
-async def answer_translated(
-    request: web.Request,
-    relay: Relay,
-    route: str,
-    model: Any,
-    body: dict[str, Any],
-    stream: ChunkTranslator | None,
-    render: Callable[[Any], dict[str, Any]],
-) -> web.StreamResponse:
-    """A dialect request's answer from the chat `body`: streamed through `stream`, or whole through `render`."""
-    if stream is not None:
-        return await TranslatedStream(request, relay, stream).run(route, model, body)
-    reply = await relay.fetch(route, model, CHAT_PATH, {**body, "stream": False})
-    return json_response(render(reply.json()))
+class DialectRequest(Protocol):
+    """What answering needs of a parsed dialect request: the model it names and whether it streams."""
+
+    model: str
+    stream: bool
+
+
+R = TypeVar("R", bound=DialectRequest)
+
+
+@dataclass(frozen=True)
+class Translation(Generic[R]):
+    """What is particular to one route translated to and from OpenAI chat; answering is the same for all:
+    the body parsed (`parse`, with the client's optional tools), sent as the chat body `to_chat` makes,
+    and answered streamed through a new `translator(req)` or whole through `render(reply, req)`."""
+
+    route: str
+    parse: Callable[[Any, frozenset[str]], R]
+    to_chat: Callable[[R], dict[str, Any]]
+    translator: Callable[[R], ChunkTranslator]
+    render: Callable[[Any, R], dict[str, Any]]
+
+    async def answer(self, request: web.Request, relay: Relay) -> web.StreamResponse:
+        req = await read_request(request, self.parse)
+        body = self.to_chat(req)
+        if req.stream:
+            return await TranslatedStream(request, relay, self.translator(req)).run(self.route, req.model, body)
+        reply = await relay.fetch(self.route, req.model, CHAT_PATH, {**body, "stream": False})
+        return json_response(self.render(reply.json(), req))
+
+
+@dataclass
+class TranslatedRoutes:
+    """A translated dialect's routes, built with the relay their requests go through."""
+
+    relay: Relay
 
 
 class TranslatedStream:

@@ -71,36 +71,40 @@ class MessageItem(_Lenient):
     content: str | list[ContentPart]
 
 
-class FunctionCallItem(_Lenient):
-    type: Literal["function_call"]
+class _CallItem(_Lenient):
+    """An earlier call to a client's tool (function or custom): the fields both kinds share."""
+
     call_id: str
     name: str
-    arguments: str = ""
-    namespace: str | None = None  # the call was to a function of a `namespace` tool
+    namespace: str | None = None  # the call was to a tool of a `namespace` tool
     id: str | None = None
 
 
-class FunctionCallOutputItem(_Lenient):
-    type: Literal["function_call_output"]
+class _CallOutputItem(_Lenient):
+    """A tool call's output, as the client ran it (function or custom)."""
+
     call_id: str
     output: str | list[ContentPart]
 
 
-class CustomToolCallItem(_Lenient):
+class FunctionCallItem(_CallItem):
+    type: Literal["function_call"]
+    arguments: str = ""
+
+
+class FunctionCallOutputItem(_CallOutputItem):
+    type: Literal["function_call_output"]
+
+
+class CustomToolCallItem(_CallItem):
     """An earlier call to a `custom` tool: its free-form `input` goes back to the model as it wrote it."""
 
     type: Literal["custom_tool_call"]
-    call_id: str
-    name: str
     input: str = ""
-    namespace: str | None = None
-    id: str | None = None
 
 
-class CustomToolCallOutputItem(_Lenient):
+class CustomToolCallOutputItem(_CallOutputItem):
     type: Literal["custom_tool_call_output"]
-    call_id: str
-    output: str | list[ContentPart]
 
 
 class ReasoningContent(_Lenient):

@@ -54,13 +54,8 @@ def retry_from(record: RequestRecord, failure: ApiError) -> tuple[str, str]:
 
 def error_event(data: bytes) -> ApiError | None:
     """The error an OpenAI stream event carries (a neuron's fault mid-stream), with the status it stands for."""
-    if b'"error"' not in data:
-        return None
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(chunk, dict) or "error" not in chunk or "choices" in chunk:
+    chunk = _json_object(data, b'"error"')
+    if chunk is None or "error" not in chunk or "choices" in chunk:
         return None
     error = chunk["error"] if isinstance(chunk["error"], dict) else {}
     status = _EVENT_STATUS.get(str(error.get("type")), 502)
@@ -74,13 +69,10 @@ _EVENT_STATUS = {"invalid_request_error": 400, "rate_limit_error": 429, "not_fou
 
 def opening_chunk(data: bytes) -> bool:
     """Whether a chunk is a chat stream's opening (the assistant role, no text): not output yet."""
-    if b'"role":"assistant"' not in data:
+    chunk = _json_object(data, b'"role":"assistant"')
+    if chunk is None:
         return False
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    choices = chunk.get("choices")
     if not choices or chunk.get("usage"):
         return False
     for choice in choices:
@@ -90,6 +82,18 @@ def opening_chunk(data: bytes) -> bool:
         if not isinstance(delta, dict) or any(value for key, value in delta.items() if key != "role"):
             return False
     return True
+
+
+def _json_object(data: bytes, marker: bytes) -> dict[str, Any] | None:
+    """A stream event's JSON object; None without `marker` (checked before parsing: most events lack it), or
+    when the event is not a JSON object."""
+    if marker not in data:
+        return None
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Cuttable:

@@ -352,3 +352,38 @@ def test_anthropic_prefill_is_continued_not_closed(real_fleet: RealFleet) -> Non
     with pytest.raises(urllib.error.HTTPError) as caught:
         _post_json(f"{url}/v1/chat/completions", bad, {})
     assert caught.value.code == 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_builtin_shell_tool_is_served_and_its_items_render(real_fleet: RealFleet, stream: bool) -> None:
+    """OpenAI's built-in `shell` tool through a real neuron: a forced call (`tool_choice: {"type": "shell"}`) is
+    decoded under the function's schema (random weights rarely close its free-text commands within the limit:
+    any call item is a `shell_call`, every item and event valid for the SDK); a later turn's `shell_call` and
+    `shell_call_output` render through the model's template as the call and its tool message."""
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    question: Any = {"role": "user", "content": "List the files here."}
+    shell: Any = {"type": "shell"}
+    asked = dict(model=MODEL, input=[question], tools=[shell], tool_choice={"type": "shell"}, max_output_tokens=32)
+    if stream:
+        events = list(client.responses.create(**asked, stream=True))  # type: ignore[call-overload]
+        for event in events:
+            assert_responses_event(event.type, event.model_dump(exclude_unset=True))
+        first = events[-1].response
+    else:
+        first = client.responses.create(**asked)  # type: ignore[call-overload]
+        assert_response(first.model_dump(mode="json", exclude_unset=True))
+    assert first.status in ("completed", "incomplete") and first.tools[0].type == "shell"
+    assert all(item.type in ("message", "shell_call") for item in first.output), first.output
+    call: Any = {"type": "shell_call", "call_id": "call_ls", "action": {"commands": ["ls"]}, "status": "completed"}
+    output: Any = {
+        "type": "shell_call_output",
+        "call_id": "call_ls",
+        "output": [{"stdout": "a.txt\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}],
+    }
+    later = dict(model=MODEL, tools=[shell], tool_choice="none", max_output_tokens=8)
+    second = client.responses.create(input=[question, call, output], **later)  # type: ignore[call-overload]
+    assert_response(second.model_dump(mode="json", exclude_unset=True))
+    assert second.status in ("completed", "incomplete") and [item.type for item in second.output] == ["message"]
+    alone = client.responses.create(input=[question], **later)  # type: ignore[call-overload]
+    assert second.usage is not None and alone.usage is not None
+    assert second.usage.input_tokens > alone.usage.input_tokens + 10  # the call and its output were rendered

@@ -387,3 +387,24 @@ def test_responses_builtin_shell_tool_is_served_and_its_items_render(real_fleet:
     alone = client.responses.create(input=[question], **later)  # type: ignore[call-overload]
     assert second.usage is not None and alone.usage is not None
     assert second.usage.input_tokens > alone.usage.input_tokens + 10  # the call and its output were rendered
+
+
+@pytest.mark.parametrize(
+    ("tool", "choice", "item_type"),
+    [
+        ({"type": "apply_patch"}, {"type": "apply_patch"}, "apply_patch_call"),
+        ({"type": "local_shell"}, {"type": "function", "name": "local_shell"}, "local_shell_call"),
+    ],
+)
+def test_responses_builtin_apply_patch_and_local_shell_are_served(
+    real_fleet: RealFleet, tool: Any, choice: Any, item_type: str
+) -> None:
+    """The neuron decodes a forced call under `apply_patch`'s and `local_shell`'s schemas (an operation enum, an
+    env map); any call item is of the tool's own type, the response valid for the SDK."""
+    client = openai.OpenAI(base_url=f"{real_fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    response = client.responses.create(
+        model=MODEL, input="Fix the bug.", tools=[tool], tool_choice=choice, max_output_tokens=24
+    )
+    assert_response(response.model_dump(mode="json", exclude_unset=True))
+    assert response.status in ("completed", "incomplete") and response.tools[0].type == tool["type"]
+    assert all(item.type in ("message", item_type) for item in response.output), response.output

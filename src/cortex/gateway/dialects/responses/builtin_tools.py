@@ -172,11 +172,16 @@ class ShellAction(Lenient):
     max_output_length: int | None = None
 
 
-class ShellCallItem(Lenient):
-    type: Literal["shell_call"]
+class _CallItem(Lenient):
+    """What every earlier built-in tool call carries besides its own `type` and arguments."""
+
     call_id: str
-    action: ShellAction
     id: str | None = None
+
+
+class ShellCallItem(_CallItem):
+    type: Literal["shell_call"]
+    action: ShellAction
 
 
 class ShellOutcome(Lenient):
@@ -190,11 +195,9 @@ class ShellOutput(Lenient):
     outcome: ShellOutcome | None = None
 
 
-class ShellCallOutputItem(Lenient):
+class ShellCallOutputItem(_CallItem):
     type: Literal["shell_call_output"]
-    call_id: str
     output: list[ShellOutput]
-    id: str | None = None
 
 
 class LocalShellAction(Lenient):
@@ -206,11 +209,9 @@ class LocalShellAction(Lenient):
     user: str | None = None
 
 
-class LocalShellCallItem(Lenient):
+class LocalShellCallItem(_CallItem):
     type: Literal["local_shell_call"]
-    call_id: str
     action: LocalShellAction
-    id: str | None = None
 
 
 class LocalShellCallOutputItem(Lenient):
@@ -228,19 +229,15 @@ class ApplyPatchOperation(Lenient):
     diff: str | None = None
 
 
-class ApplyPatchCallItem(Lenient):
+class ApplyPatchCallItem(_CallItem):
     type: Literal["apply_patch_call"]
-    call_id: str
     operation: ApplyPatchOperation
-    id: str | None = None
 
 
-class ApplyPatchCallOutputItem(Lenient):
+class ApplyPatchCallOutputItem(_CallItem):
     type: Literal["apply_patch_call_output"]
-    call_id: str
     status: Literal["completed", "failed"]
     output: str | None = None
-    id: str | None = None
 
 
 BuiltInCallItem = ShellCallItem | LocalShellCallItem | ApplyPatchCallItem

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
 from cortex.core.errors import bad_request
 from cortex.core.validation import parse_request
 from cortex.gateway.dialects.optional_tools import OPTIONAL_TOOLS_HEADER, is_optional
-from cortex.gateway.dialects.responses.builtin_tools import (
-    ApplyPatchCallItem,
-    ApplyPatchCallOutputItem,
-    LocalShellCallItem,
-    LocalShellCallOutputItem,
-    ShellCallItem,
-    ShellCallOutputItem,
-)
+from cortex.gateway.dialects.responses.builtin_tools import BUILT_IN_ITEMS
 from cortex.gateway.dialects.responses.tools import (
     BuiltInTool,
     ClientTool,
@@ -31,6 +24,7 @@ from cortex.gateway.dialects.responses.tools import (
     ToolSearchTool,
     flat_tool_name,
     flatten_tools,
+    tagged_union,
 )
 from cortex.gateway.dialects.responses.tools import Lenient as _Lenient
 
@@ -126,7 +120,7 @@ class ReasoningItem(_Lenient):
 def _item_kind(item: Any) -> str:
     """Messages may omit `type` (the SDK's EasyInputMessage)."""
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    return kind if kind in _ITEM_KINDS else "UnsupportedItem"  # CamelCase: left out of error paths
+    return kind if kind in _ITEMS else "UnsupportedItem"  # CamelCase: left out of error paths
 
 
 class UnsupportedItem(_Lenient):
@@ -160,41 +154,18 @@ class ToolSearchOutputItem(_Lenient):
     id: str | None = None
 
 
-_ITEM_KINDS = (
-    "message",
-    "function_call",
-    "function_call_output",
-    "custom_tool_call",
-    "custom_tool_call_output",
-    "reasoning",
-    "tool_search_call",
-    "tool_search_output",
-    "shell_call",
-    "shell_call_output",
-    "local_shell_call",
-    "local_shell_call_output",
-    "apply_patch_call",
-    "apply_patch_call_output",
-)
-
-InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")]
-    | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
-    | Annotated[CustomToolCallOutputItem, Tag("custom_tool_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")]
-    | Annotated[ToolSearchCallItem, Tag("tool_search_call")]
-    | Annotated[ToolSearchOutputItem, Tag("tool_search_output")]
-    | Annotated[ShellCallItem, Tag("shell_call")]
-    | Annotated[ShellCallOutputItem, Tag("shell_call_output")]
-    | Annotated[LocalShellCallItem, Tag("local_shell_call")]
-    | Annotated[LocalShellCallOutputItem, Tag("local_shell_call_output")]
-    | Annotated[ApplyPatchCallItem, Tag("apply_patch_call")]
-    | Annotated[ApplyPatchCallOutputItem, Tag("apply_patch_call_output")]
-    | Annotated[UnsupportedItem, Tag("UnsupportedItem")],
-    Discriminator(_item_kind),
-]
+_ITEMS: dict[str, Any] = {  # the input item types this translation takes, by their `type`
+    "message": MessageItem,
+    "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem,
+    "custom_tool_call": CustomToolCallItem,
+    "custom_tool_call_output": CustomToolCallOutputItem,
+    "reasoning": ReasoningItem,
+    "tool_search_call": ToolSearchCallItem,
+    "tool_search_output": ToolSearchOutputItem,
+    **BUILT_IN_ITEMS,
+}
+InputItem = tagged_union({**_ITEMS, "UnsupportedItem": UnsupportedItem}, _item_kind)
 
 
 class TextFormat(_Lenient):

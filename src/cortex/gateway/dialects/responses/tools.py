@@ -7,6 +7,9 @@ Lenient like the request: unknown fields are ignored.
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
@@ -118,15 +121,24 @@ def _tool_kind(tool: Any) -> str:
     return _TOOL_TAGS.get(kind, "HostedTool") if isinstance(kind, str) else "HostedTool"
 
 
-RequestTool = Annotated[
-    Annotated[FunctionTool, Tag("FunctionTool")]
-    | Annotated[CustomTool, Tag("CustomTool")]
-    | Annotated[NamespaceTool, Tag("NamespaceTool")]
-    | Annotated[ToolSearchTool, Tag("ToolSearchTool")]
-    | Annotated[BuiltInTool, Tag("BuiltInTool")]
-    | Annotated[HostedTool, Tag("HostedTool")],
-    Discriminator(_tool_kind),
-]
+def tagged_union(members: dict[str, type[BaseModel]], kind: Callable[[Any], str]) -> Any:
+    """`Annotated[A, Tag(a)] | Annotated[B, Tag(b)] | ...` under `Discriminator(kind)`, from one tag -> model table:
+    pydantic validates an element against exactly the model its tag names, and its errors name that tag."""
+    union = functools.reduce(operator.or_, (Annotated[model, Tag(tag)] for tag, model in members.items()))
+    return Annotated[union, Discriminator(kind)]
+
+
+RequestTool = tagged_union(
+    {
+        "FunctionTool": FunctionTool,
+        "CustomTool": CustomTool,
+        "NamespaceTool": NamespaceTool,
+        "ToolSearchTool": ToolSearchTool,
+        "BuiltInTool": BuiltInTool,
+        "HostedTool": HostedTool,
+    },
+    _tool_kind,
+)
 
 ClientTool = FunctionTool | CustomTool | ToolSearchTool | BuiltInTool
 

@@ -175,6 +175,8 @@ def test_unknown_fields_are_ignored() -> None:
         ({"input": "x", "background": True}, "background", "background"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "stateless"),
         ({"input": [{"type": "computer_call_output", "call_id": "x"}]}, "input.0", "'computer_call_output'"),
+        ({"input": [{"type": {"content": 1}}]}, "input.0.type", "valid string"),  # a `type` that cannot be a key
+        ({"input": [{"type": ["message"]}]}, "input.0.type", "valid string"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, None, "input_file"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, None, "file_id"),
         ({"input": "x", "tool_choice": "sometimes", "tools": [WEATHER_TOOL]}, "tool_choice", "sometimes"),

@@ -120,7 +120,8 @@ class ReasoningItem(_Lenient):
 def _item_kind(item: Any) -> str:
     """Messages may omit `type` (the SDK's EasyInputMessage)."""
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    return kind if kind in _ITEMS else "UnsupportedItem"  # CamelCase: left out of error paths
+    known = isinstance(kind, str) and kind in _ITEMS  # a `type` that is not a string names no item
+    return kind if known else "UnsupportedItem"  # CamelCase: left out of error paths
 
 
 class UnsupportedItem(_Lenient):

@@ -77,15 +77,19 @@ def test_anthropic_structured_output(gateway_url: str) -> None:
     Answer.model_validate_json(raw.content[0].text)  # type: ignore[union-attr]
 
 
+# One short greedy answer with the logprobs of each token and its two likeliest alternatives.
+LOGPROBS_REQUEST: Any = {
+    "model": MODEL,
+    "input": "Count to three.",
+    "max_output_tokens": 8,
+    "temperature": 0,
+    "include": ["message.output_text.logprobs"],
+    "top_logprobs": 2,
+}
+
+
 def test_responses_logprobs(gateway_url: str) -> None:
-    response = _client(gateway_url).responses.create(
-        model=MODEL,
-        input="Count to three.",
-        max_output_tokens=8,
-        temperature=0,
-        include=["message.output_text.logprobs"],
-        top_logprobs=2,
-    )
+    response = _client(gateway_url).responses.create(**LOGPROBS_REQUEST)
     part = response.output[0].content[0]  # type: ignore[union-attr]
     assert part.logprobs and "".join(p.token for p in part.logprobs) == part.text
     assert all(len(p.top_logprobs) == 2 and p.logprob <= 0 for p in part.logprobs)
@@ -95,17 +99,7 @@ def test_responses_logprobs_stream(gateway_url: str) -> None:
     """Streamed, each text delta carries its own tokens' logprobs; the done events carry them all."""
     from tests.support.dialect_schemas import assert_responses_event
 
-    events = list(
-        _client(gateway_url).responses.create(
-            model=MODEL,
-            input="Count to three.",
-            max_output_tokens=8,
-            temperature=0,
-            include=["message.output_text.logprobs"],
-            top_logprobs=2,
-            stream=True,
-        )
-    )
+    events = list(_client(gateway_url).responses.create(**LOGPROBS_REQUEST, stream=True))
     for event in events:
         assert_responses_event(event.type, event.model_dump(exclude_unset=True))
     deltas = [e for e in events if e.type == "response.output_text.delta"]

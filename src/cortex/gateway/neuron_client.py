@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from cortex.gateway.neuron_http import NeuronBodyError
 from cortex.gateway.state import Node
 
 
@@ -59,7 +60,7 @@ def plain_reason(exc: BaseException) -> str:
     (`describe` has those, for the log under the request id)."""
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return "timed out"
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, aiohttp.ClientPayloadError | NeuronBodyError):
         return "its answer broke off"
     return "the connection was lost"
 

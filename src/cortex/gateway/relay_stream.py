@@ -189,10 +189,10 @@ class RelayStream(Cuttable):
     async def _first_output(self) -> ApiError | None:
         assert self.exchange is not None
         node = self.exchange.node
-        content = self.exchange.response.content
+        response = self.exchange.response
         while True:
             try:
-                event = await content.readuntil(EVENT_END, max_size=MAX_EVENT_BYTES)
+                event = await response.readuntil(EVENT_END, MAX_EVENT_BYTES)
             except STREAM_ERRORS as exc:
                 log_event(log, "upstream.stream_broken", logging.WARNING, node=node, error=describe(exc))
                 return interrupted(node, plain_reason(exc))
@@ -218,7 +218,7 @@ class RelayStream(Cuttable):
     async def _events(self) -> AsyncIterator[bytes]:
         assert self.exchange is not None
         node = self.exchange.node
-        content = self.exchange.response.content
+        response = self.exchange.response
         observe = self.record.observe
         held, self._held = self._held, []
         for event in held:
@@ -229,7 +229,7 @@ class RelayStream(Cuttable):
             yield event
         while True:
             try:
-                event = await content.readuntil(EVENT_END, max_size=MAX_EVENT_BYTES)
+                event = await response.readuntil(EVENT_END, MAX_EVENT_BYTES)
             except STREAM_ERRORS as exc:
                 if self.cut_error is None:
                     log_event(log, "upstream.stream_broken", logging.WARNING, node=node, error=describe(exc))

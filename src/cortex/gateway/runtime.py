@@ -23,6 +23,7 @@ from cortex.gateway.cold_loads import Loader
 from cortex.gateway.evictor import EvictionPolicy, Evictor
 from cortex.gateway.limits import KeyPolicy, Limiter
 from cortex.gateway.metrics import Metrics
+from cortex.gateway.neuron_http import NeuronClient
 from cortex.gateway.pipeline import Auth
 from cortex.gateway.placement import Placer
 from cortex.gateway.poller import Poller
@@ -33,28 +34,20 @@ from cortex.gateway.upstream import Upstream
 
 log = logging.getLogger("cortex.gateway")
 
-# Enough pooled connections per neuron for hundreds of concurrent streams; keep-alive saves a connect per request.
-_POOL_LIMIT = 4096
+# The control calls (polls, loads, unloads): a few connections per neuron, kept alive between polls.
+# Inference requests go through neuron_http.py's client instead (the hot path).
 _KEEPALIVE_S = 30.0
-# SSE events and response bodies can be large (long tool-call arguments): allow big reads.
-READ_BUFSIZE = 1 << 16  # also what a stream pins while its client does not read: small (events may be larger)
 _PINNED_RETRY_S = 60.0
 
 
 def new_session(connect_timeout_s: float) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=_POOL_LIMIT,
-        limit_per_host=0,
-        keepalive_timeout=_KEEPALIVE_S,
-        ttl_dns_cache=300,
-        enable_cleanup_closed=False,
+        limit=256, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=300, enable_cleanup_closed=False
     )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
-        auto_decompress=False,  # bodies pass through as the neuron sent them
-        read_bufsize=READ_BUFSIZE,
-        # No Accept-Encoding: bodies pass through undecoded, so the neuron must never compress them.
+        auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
@@ -109,9 +102,10 @@ class Gateway:
             self.state, self.session, self.placer, self.evictor, self.poller, self.metrics, self.load, cfg.retry_after_s
         )
         self.router = Router(self.state, self.catalogue, self.loader, cfg.retry_after_s, cfg.keepalive_interval_s)
+        self.neuron_http = NeuronClient()
         upstream = Upstream(
             self.router,
-            self.session,
+            self.neuron_http,
             self.poller.probe,
             self.state.nodes,
             cfg.connect_timeout_s,
@@ -135,6 +129,7 @@ class Gateway:
         for job in self.loader.jobs:
             if job.task is not None:
                 job.task.cancel()
+        self.neuron_http.close()
         await self.session.close()
 
     def _node_lost(self, node: Node) -> None:

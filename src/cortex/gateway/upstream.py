@@ -4,7 +4,7 @@
 the body (read it whole, relay its events) is relay.py's. Built from its collaborators alone:
 
 - the router (picks a replica and counts the request on it: the lease),
-- the HTTP session to the neurons,
+- the HTTP client to the neurons (neuron_http.py),
 - `probe`, the poller's quick poll of a node a request could not reach,
 - the node table (names, endpoints, auth headers) and the connect timeout.
 
@@ -33,8 +33,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -44,21 +42,16 @@ from cortex.core.neuron_api import RECOVERY_STATUSES, ModelStatus
 from cortex.gateway.accounting import RequestRecord
 from cortex.gateway.keepalive import with_keepalive
 from cortex.gateway.neuron_client import decode, describe, plain_reason
+from cortex.gateway.neuron_http import NeuronClient, NeuronConnectError, NeuronConnectTimeout, NeuronResponse, Timeouts
 from cortex.gateway.router import KeepAlive, Lease, Router
 from cortex.gateway.state import Node
 
 log = logging.getLogger("cortex.gateway.upstream")
 
-# Connection failures that happen before the neuron saw the request (or while it was dying).
-CONNECTION_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-# A neuron's answer breaking: cut connection, bad chunking, or an event beyond the size limit.
-STREAM_ERRORS = (
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientConnectionError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    LineTooLong,
-)
+# Connection failures that happen before the neuron answered (or while it was dying).
+CONNECTION_ERRORS = (NeuronConnectError,)
+# A neuron's answer breaking: cut connection, bad chunking, silence, or an event beyond the size limit.
+STREAM_ERRORS = (ConnectionError, TimeoutError)
 
 Probe = Callable[[Node], Awaitable[bool]]
 # How often a request waiting for its model's recovery looks at the fleet state (the poller refreshes it).
@@ -70,7 +63,7 @@ class Exchange:
     """An open request to a neuron: the lease on the replica and the neuron's response (headers read)."""
 
     lease: Lease
-    response: aiohttp.ClientResponse
+    response: NeuronResponse
 
     @property
     def node(self) -> str:
@@ -105,7 +98,7 @@ class Upstream:
     def __init__(
         self,
         router: Router,
-        session: aiohttp.ClientSession,
+        client: NeuronClient,
         probe: Probe,
         nodes: dict[str, Node],
         connect_timeout_s: float,
@@ -114,17 +107,13 @@ class Upstream:
         stream_idle_timeout_s: float | None = None,
     ) -> None:
         self.router = router
-        self.session = session
+        self.client = client
         self.probe = probe
         self.nodes = nodes
         self.first_byte_timeout_s = first_byte_timeout_s or 600.0
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=first_byte_timeout_s
-        )
-        # sock_read bounds the wait for the headers and then every gap between bytes of the stream.
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=stream_idle_timeout_s
-        )
+        self._timeout = Timeouts(connect_timeout_s, first_byte_timeout_s)
+        # The read timeout bounds the wait for the headers and then every gap between bytes of the stream.
+        self._stream_timeout = Timeouts(connect_timeout_s, stream_idle_timeout_s)
         self._urls: dict[tuple[str, str], URL] = {}
         self._headers = {n.name: {"Content-Type": "application/json", **n.auth_headers()} for n in nodes.values()}
 
@@ -162,11 +151,10 @@ class Upstream:
             record.node = node.name
             headers = {**self._headers[node.name], REQUEST_ID_HEADER: request_id}
             try:
-                response = await self.session.post(
-                    self._url(node.endpoint, path), data=payload, headers=headers, timeout=timeout
-                )
+                response = await self.client.post(self._url(node.endpoint, path), payload, headers, timeout)
                 if response.status == 503 and await _draining(response):
                     # The neuron is shutting down (SIGTERM): nothing was generated, so another replica may serve.
+                    response.release()
                     lease.release()
                     failures.append(f"neuron '{node.name}' is draining")
                     excluded.add(node.name)
@@ -174,11 +162,10 @@ class Upstream:
                     lease = None
                     continue
                 return Exchange(lease, response)
-            except TimeoutError as exc:  # aiohttp's ServerTimeoutError: no connection, or no answer, in time
+            except TimeoutError as exc:  # no connection, or no answer, in time
                 lease.release()
                 lease = None
-                connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
-                waited = timeout.sock_connect if connecting else timeout.sock_read
+                waited = timeout.connect_s if isinstance(exc, NeuronConnectTimeout) else timeout.read_s
                 failures.append(f"neuron '{node.name}' did not answer within {waited:g} s")
                 log_event(log, "upstream.timeout", logging.WARNING, node=node.name, waited_s=waited)
                 excluded.add(node.name)  # never the same node twice; the probe marks a hung one unhealthy
@@ -312,7 +299,7 @@ def upstream_error(status: int, raw: bytes, headers: CIMultiDict[str] | Any) -> 
     )
 
 
-async def _draining(response: aiohttp.ClientResponse) -> bool:
+async def _draining(response: NeuronResponse) -> bool:
     """Whether a 503 is a neuron's drain refusal (hardening/http.py `Drain`); the body is read either way."""
     body = decode(await response.read())
     error = body.get("error") if isinstance(body, dict) else None

@@ -21,6 +21,11 @@ Needs `wrk` (Debian: apt-get install wrk) and `taskset` (util-linux).
 With --baseline (a checkout of another commit, e.g. `git archive REV src | tar -x -C /tmp/old-checkout`),
 both gateways are measured against the same upstream, alternating, and `this_over_baseline` gives
 each figure of this gateway over the baseline's.
+
+Every run also measures `reach`: the least an aiohttp gateway can do, a bare aiohttp server that
+forwards each request with aiohttp's client and returns the answer (no routing, no accounting, no
+log). `this_over_reach` puts the gateway against it, so the figures read the same on a fast
+machine and a slow one.
 """
 
 from __future__ import annotations
@@ -237,14 +242,14 @@ def main() -> None:
         help="another checkout (e.g. a git worktree of an older commit): its gateway is measured too, in the same "
         "run, against the same upstream, alternating with this one",
     )
-    parser.add_argument("--rounds", type=int, default=1, help="with --baseline: measure each gateway this many times")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each gateway this many times (the best counts)")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is required (apt-get install wrk util-linux)")
     cpus = sorted(os.sched_getaffinity(0))
     gateway_cpu, other_cpu = str(cpus[0]), str(cpus[-1])
-    trees = {"this": Path(__file__).resolve().parents[1] / "src"}
+    trees: dict[str, Path | None] = {"reach": None, "this": Path(__file__).resolve().parents[1] / "src"}
     if args.baseline is not None:
         trees = {"baseline": args.baseline.resolve() / "src", **trees}
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +260,7 @@ def main() -> None:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         try:
             wait_http(f"http://127.0.0.1:{upstream_port}/version")
-            for _ in range(args.rounds if args.baseline is not None else 1):
+            for _ in range(args.rounds):
                 for name, src in trees.items():
                     results[name].append(_measure_gateway(args, directory, src, upstream_port, gateway_cpu, other_cpu))
         finally:
@@ -270,21 +275,25 @@ def main() -> None:
         "python": sys.version.split()[0],
         "event_loop": _loop_name(),
     }
-    if args.baseline is None:
-        print(json.dumps({**results["this"][0], "setup": setup}, indent=2))
-        return
     best = {name: _best(runs) for name, runs in results.items()}
     summary = {"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **best}
-    print(json.dumps({**summary, "this_over_baseline": ratios(best["baseline"], best["this"])}, indent=2))
+    summary["this_over_reach"] = ratios(best["reach"], best["this"])
+    if args.baseline is not None:
+        summary["this_over_baseline"] = ratios(best["baseline"], best["this"])
+    print(json.dumps(summary, indent=2))
 
 
 def _measure_gateway(
-    args: argparse.Namespace, directory: Path, src: Path, upstream_port: int, gateway_cpu: str, other_cpu: str
+    args: argparse.Namespace, directory: Path, src: Path | None, upstream_port: int, gateway_cpu: str, other_cpu: str
 ) -> dict[str, Any]:
+    """Measure the cortex gateway in `src` (None: the bare aiohttp proxy, `reach`)."""
     gateway_port = free_port()
-    cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
-    gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    if src is None:
+        gateway_cmd = [sys.executable, __file__, "--bare-proxy", str(upstream_port), str(gateway_port)]
+    else:
+        cfg = _gateway_config(directory, upstream_port, gateway_port, args.log_level)
+        gateway_cmd = [sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(src or "")}
     log = (directory / f"gateway-{gateway_port}.log").open("wb")
     proc = subprocess.Popen(["taskset", "-c", gateway_cpu, *gateway_cmd], stdout=log, stderr=log, env=env)
     try:
@@ -393,13 +402,51 @@ def measure(
     }
 
 
+async def _serve_bare_proxy(upstream_port: int, port: int) -> None:
+    """`reach`: aiohttp's server and client and nothing else, the floor under any aiohttp gateway."""
+    import aiohttp
+    from aiohttp import web
+
+    target = f"http://127.0.0.1:{upstream_port}"
+    session = aiohttp.ClientSession()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {"Content-Type": "application/json"}
+        async with session.post(target + request.path, data=body, headers=headers) as upstream:
+            if upstream.headers.get("Content-Type") != "text/event-stream":
+                return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            async for data in upstream.content.iter_any():
+                await response.write(data)
+            return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", forward)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+def _run(main_coroutine: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main_coroutine)
+    except ImportError:
+        asyncio.run(main_coroutine)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
-        try:
-            import uvloop
-
-            uvloop.run(_serve_upstream(int(sys.argv[2])))
-        except ImportError:
-            asyncio.run(_serve_upstream(int(sys.argv[2])))
+        _run(_serve_upstream(int(sys.argv[2])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--bare-proxy":
+        _run(_serve_bare_proxy(int(sys.argv[2]), int(sys.argv[3])))
     else:
         main()

@@ -18,7 +18,7 @@ from hypothesis import seed as hypothesis_seed
 
 from tests.fuzz.conftest import SERVED, FuzzFleet
 from tests.fuzz.harness import report, send_all
-from tests.fuzz.strategies import FuzzRequest, fuzz_requests, mutate
+from tests.fuzz.strategies import OTHER_MODELS, FuzzRequest, fuzz_requests, mutate
 
 REQUESTS = int(os.environ.get("FUZZ_REQUESTS", "10000"))
 SEED = int(os.environ.get("FUZZ_SEED", "0"))
@@ -58,7 +58,23 @@ def generate(count: int, seed: int) -> list[FuzzRequest]:
     while len(requests) < count:
         requests.append(mutate(rng, rng.choice(drawn), post_paths))
     rng.shuffle(requests)
-    return requests[:count]
+    return [spare_served_model(r) for r in requests[:count]]
+
+
+# Routes that load, unload or pin: the served model is never their target (strategies.py), but hypothesis also
+# draws string constants it finds in the code under test, so a mutated field can still come out as SERVED.
+LIFECYCLE_PATHS = frozenset({"/models/load", "/models/unload", "/admin/load", "/admin/unload", "/admin/pin"})
+
+
+def spare_served_model(request: FuzzRequest) -> FuzzRequest:
+    """`request`, with a lifecycle route's model field renamed when it names the served model."""
+    body = request.json
+    if request.path not in LIFECYCLE_PATHS or not isinstance(body, dict):
+        return request
+    for key in ("model_id", "model"):
+        if body.get(key) == SERVED:
+            request.json = body = {**body, key: OTHER_MODELS[0]}
+    return request
 
 
 async def normal_requests_served(http: aiohttp.ClientSession, fleet: FuzzFleet) -> None:

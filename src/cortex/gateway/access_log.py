@@ -35,6 +35,19 @@ def _value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+_LABELS: dict[str, str] = {}  # route, model, node, error: a few distinct values, each quoted once
+_LABELS_MAX = 4096
+
+
+def _label(text: str) -> str:
+    quoted = _LABELS.get(text)
+    if quoted is None:
+        if len(_LABELS) >= _LABELS_MAX:
+            _LABELS.clear()
+        quoted = _LABELS[text] = _value(text)
+    return quoted
+
+
 class AccessLog:
     def __init__(self) -> None:
         self.logger = logging.getLogger(LOGGER)
@@ -64,9 +77,9 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         self._pending.append(
             f"ts={self._stamp}.{int((now - second) * 1000):03d}Z level=info logger={LOGGER} event=request.done "
-            f"request_id={_value(request_id_var.get())} route={_value(route)} status={status} model={_value(model)} "
-            f"node={_value(node)} stream={stream} ms={seconds * 1000:.2f} prompt_tokens={prompt_tokens} "
-            f"completion_tokens={completion_tokens} error={_value(error)}"
+            f"request_id={_value(request_id_var.get())} route={_label(route)} status={status} model={_label(model)} "
+            f"node={_label(node)} stream={stream} ms={seconds * 1000:.2f} prompt_tokens={prompt_tokens} "
+            f"completion_tokens={completion_tokens} error={_label(error)}"
         )
         if len(self._pending) == 1:
             try:

@@ -133,24 +133,29 @@ class NeuronResponse:
 
     async def readuntil(self, separator: bytes, max_size: int) -> bytes:
         """Bytes up to and including the next `separator`; at the body's end, what is left (possibly b"")."""
-        start = 0
         while True:
-            found = self.buffer.find(separator, start)
-            if found >= 0:
-                end = found + len(separator)
-                if end > max_size:
-                    raise EventTooLarge(f"an event is longer than {max_size} bytes")
-                chunk = bytes(self.buffer[:end])
-                del self.buffer[:end]
+            chunk = self.take(separator, max_size)
+            if chunk is not None:
                 return chunk
-            if len(self.buffer) > max_size:
-                raise EventTooLarge(f"an event is longer than {max_size} bytes")
             if self._done:
                 chunk = bytes(self.buffer)
                 self.buffer.clear()
                 return chunk
-            start = max(0, len(self.buffer) - len(separator) + 1)
             await self._more()
+
+    def take(self, separator: bytes, max_size: int) -> bytes | None:
+        """What `readuntil` returns when it is already here, without waiting; else None."""
+        found = self.buffer.find(separator)
+        if found < 0:
+            if len(self.buffer) > max_size:
+                raise EventTooLarge(f"an event is longer than {max_size} bytes")
+            return None
+        end = found + len(separator)
+        if end > max_size:
+            raise EventTooLarge(f"an event is longer than {max_size} bytes")
+        chunk = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return chunk
 
     def release(self) -> None:
         """Done with the answer: its connection is reused when the body was read to its end, else closed."""

@@ -59,6 +59,8 @@ def client_wants_usage(payload: dict[str, Any]) -> bool:
 
 def without_usage(event: bytes) -> bytes | None:
     """The event to forward to a client that did not ask for usage: None drops a usage-only chunk."""
+    if b'"usage":' not in event:
+        return event
     chunk = usage_chunk(event)
     if chunk is None:
         return event
@@ -105,13 +107,10 @@ class OpenAIRoutes:
         try:
             async with stream as events:
                 await client.start()
-                async for event in events:
-                    if not include_usage and b'"usage":' in event:
-                        stripped = without_usage(event)
-                        if stripped is None:
-                            continue
-                        event = stripped
-                    await client.write(event)  # bounded: a client that stops reading is cut off
+                async for batch in events.batches():  # the events that arrived together: one write
+                    if not include_usage:
+                        batch = [e for e in map(without_usage, batch) if e is not None]
+                    await client.write(b"".join(batch))  # bounded: a client that stops reading is cut off
                 await client.write(DONE)
         except ApiError as err:
             if not client.started:

@@ -45,18 +45,20 @@ class ClientStream:
             if self.opening is not None:
                 await self.write(self.opening())
 
-    async def write(self, data: bytes) -> None:
-        if data:
+    async def write(self, data: bytes, *, last: bool = False) -> None:
+        """Write `data`; `last`: and end the body in the same write (nothing can be written after it)."""
+        if data or last:
+            send = self.response.write_eof if last else self.response.write
             transport = self.request.transport
             if transport is not None and transport.get_write_buffer_size() + len(data) < _NEVER_WAITS_BELOW:
                 # The common case: the client keeps up, the write cannot wait, so no timer is needed.
-                await self.response.write(data)
+                await send(data)
                 self.last_write = asyncio.get_running_loop().time()
                 return
             limit = self.request.config_dict.get(WRITE_TIMEOUT, DEFAULT_WRITE_TIMEOUT_S)
             try:
                 async with asyncio.timeout(limit):  # a timer, not a task per write: streams write often
-                    await self.response.write(data)
+                    await send(data)
             except TimeoutError:
                 if self.request.transport is not None:
                     self.request.transport.abort()

@@ -225,6 +225,7 @@ class RelayStream(Cuttable):
 
         A neuron's events come one per decode step; those that queued up while the gateway was busy
         go to the client in one write, not one each, so a loaded gateway spends less per event.
+        `done` is already true when the last batch is yielded, so its write can end the stream too.
         """
         assert self.exchange is not None
         node = self.exchange.node
@@ -236,9 +237,8 @@ class RelayStream(Cuttable):
             batch: list[bytes] = []
             for event in arrived:
                 if event.startswith(b"data: [DONE]"):
-                    self.done = True
-                    if batch:
-                        yield batch
+                    self.done = True  # set before the last batch (possibly empty) is yielded
+                    yield batch
                     return
                 observe(event, now)
                 batch.append(event)

@@ -110,8 +110,10 @@ class OpenAIRoutes:
                 async for batch in events.batches():  # the events that arrived together: one write
                     if not include_usage:
                         batch = [e for e in map(without_usage, batch) if e is not None]
-                    await client.write(b"".join(batch))  # bounded: a client that stops reading is cut off
-                await client.write(DONE)
+                    if events.done:  # the last batch: it, `[DONE]` and the body's end go out in one write
+                        await client.write(b"".join(batch) + DONE, last=True)
+                    else:
+                        await client.write(b"".join(batch))  # bounded: a client that stops reading is cut off
         except ApiError as err:
             if not client.started:
                 raise  # nothing sent yet: the pipeline answers with the error

@@ -16,6 +16,7 @@ from cortex.gateway.neuron_http import (
     NeuronClient,
     NeuronConnectError,
     NeuronReadTimeout,
+    NeuronResponse,
     Timeouts,
 )
 from tests.support.procs import free_port
@@ -71,6 +72,17 @@ async def client() -> AsyncIterator[NeuronClient]:
     c = NeuronClient()
     yield c
     c.close()
+
+
+async def first_event_then(
+    client: NeuronClient, url: URL, timeouts: Timeouts, error: type[Exception]
+) -> NeuronResponse:
+    """Open a stream, read its first event (`data: 1`), and expect the next read to fail with `error`."""
+    response = await client.post(url, b"{}", HEADERS, timeouts)
+    assert await response.readuntil(b"\n\n", 1000) == b"data: 1\n\n"
+    with pytest.raises(error):
+        await response.readuntil(b"\n\n", 1000)
+    return response
 
 
 async def json_reply(request: web.Request) -> web.StreamResponse:
@@ -179,10 +191,7 @@ async def test_an_answer_that_breaks_off_is_a_body_error(server: Server, client:
         return response
 
     await server.start(break_off)
-    response = await client.post(server.url / "s", b"{}", HEADERS, TIMEOUTS)
-    assert await response.readuntil(b"\n\n", 1000) == b"data: 1\n\n"
-    with pytest.raises(NeuronBodyError):
-        await response.readuntil(b"\n\n", 1000)
+    response = await first_event_then(client, server.url / "s", TIMEOUTS, NeuronBodyError)
     response.release()
 
 
@@ -200,10 +209,7 @@ async def test_silence_before_the_headers_or_between_events_times_out(server: Se
     quick = Timeouts(connect_s=2.0, read_s=0.2)
     with pytest.raises(NeuronReadTimeout):
         await client.post(server.url / "head", b"{}", HEADERS, quick)
-    response = await client.post(server.url / "gap", b"{}", HEADERS, quick)
-    assert await response.readuntil(b"\n\n", 1000) == b"data: 1\n\n"
-    with pytest.raises(NeuronReadTimeout):
-        await response.readuntil(b"\n\n", 1000)
+    response = await first_event_then(client, server.url / "gap", quick, NeuronReadTimeout)
     response.close()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.engine_fixtures import engine  # noqa: F401  (fixture)
 from tests.support.procs import Daemon, run_neuron, wait_model_status
 
 TINY = "tiny"

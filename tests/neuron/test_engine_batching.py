@@ -44,13 +44,6 @@ def float64_model(directory: Path) -> Callable[[], tuple[torch.nn.Module, Any]]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def engine() -> AsyncIterator[Engine]:
-    engine = Engine(["cpu"])
-    yield engine
-    engine.close()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def model(engine: Engine, tiny_model: Path) -> LoadedModel:
     return await engine.adopt("tiny-f64", "cpu", float64_model(tiny_model))
 

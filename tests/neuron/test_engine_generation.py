@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,6 @@ class Result:
     text: str
     finished: Finished
     deltas: tuple[str, ...]
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def engine() -> AsyncIterator[Engine]:
-    engine = Engine(["cpu"])
-    yield engine
-    engine.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

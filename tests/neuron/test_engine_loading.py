@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from cortex.neuron.engine import (
     Engine,
@@ -23,13 +21,6 @@ from cortex.neuron.engine import (
     SamplingParams,
     TextDelta,
 )
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def engine() -> AsyncIterator[Engine]:
-    engine = Engine(["cpu"])
-    yield engine
-    engine.close()
 
 
 def local(path: Path | str, **kwargs: Any) -> LoadSpec:

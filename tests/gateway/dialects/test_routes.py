@@ -28,6 +28,7 @@ from tests.support.dialect_schemas import (
 )
 from tests.support.gateway_procs import GatewayDaemon, cortex_toml, run_fake_neuron, run_gateway, wait_until
 from tests.support.procs import Daemon, get_json
+from tests.support.weather_tools import ANTHROPIC_TOOLS, CHAT_TOOLS, RESPONSES_TOOLS
 
 MODEL = "scripted"
 KEY = "sk-dialect-test"
@@ -48,31 +49,7 @@ vram_mb = 100
 claude-local = "scripted"
 """
 
-TOOLS = [
-    {
-        "name": "weather",
-        "description": "Weather for a city",
-        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    }
-]
-RESPONSES_TOOLS = [
-    {
-        "type": "function",
-        "name": "weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    }
-]
-CHAT_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "description": "Weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
+TOOLS = ANTHROPIC_TOOLS
 
 
 @dataclass

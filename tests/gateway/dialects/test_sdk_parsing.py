@@ -16,24 +16,11 @@ import openai
 import pytest
 
 from cortex.core.errors import ApiError, model_not_found
+from tests.support import weather_tools
 from tests.support.replay_neuron import ReplayServer, Script, chunk, tool_call_chunks, usage_chunk
 
-TOOLS = [
-    {
-        "name": "weather",
-        "description": "Weather for a city",
-        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    }
-]
-RESPONSES_TOOLS = [
-    {
-        "type": "function",
-        "name": "weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        "strict": False,
-    }
-]
+TOOLS = weather_tools.ANTHROPIC_TOOLS
+RESPONSES_TOOLS = [{**tool, "strict": False} for tool in weather_tools.RESPONSES_TOOLS]
 
 
 def text_script(*pieces: str, prompt: int = 9) -> list[dict[str, Any]]:

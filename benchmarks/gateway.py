@@ -242,7 +242,7 @@ def main() -> None:
         help="another checkout (e.g. a git worktree of an older commit): its gateway is measured too, in the same "
         "run, against the same upstream, alternating with this one",
     )
-    parser.add_argument("--rounds", type=int, default=1, help="measure each gateway this many times (the best counts)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each gateway this many times (medians count)")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -275,11 +275,11 @@ def main() -> None:
         "python": sys.version.split()[0],
         "event_loop": _loop_name(),
     }
-    best = {name: _best(runs) for name, runs in results.items()}
-    summary = {"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **best}
-    summary["this_over_reach"] = ratios(best["reach"], best["this"])
+    medians = {name: _medians(runs) for name, runs in results.items()}
+    summary = {"setup": {**setup, "baseline": str(args.baseline), "rounds": args.rounds}, **medians}
+    summary["this_over_reach"] = ratios(medians["reach"], medians["this"])
     if args.baseline is not None:
-        summary["this_over_baseline"] = ratios(best["baseline"], best["this"])
+        summary["this_over_baseline"] = ratios(medians["baseline"], medians["this"])
     print(json.dumps(summary, indent=2))
 
 
@@ -327,9 +327,15 @@ def ratios(baseline: dict[str, Any], this: dict[str, Any]) -> dict[str, float | 
     return out
 
 
-def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of several rounds, the least disturbed: the one whose gateway spent the least CPU per request."""
-    return min(runs, key=lambda r: r["throughput_c32_rps"]["gateway_cpu_us_per_request"])
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several rounds as one: each figure's median over the rounds (one disturbed round moves no figure)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: _medians([run[key] for run in runs]) for key in first}
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        median = statistics.median(runs)
+        return round(median, 3) if isinstance(median, float) else median
+    return first
 
 
 def _loop_name() -> str:

@@ -1,9 +1,8 @@
 """The per-request `request.done` line, cheap enough for the hot path.
 
 Same `key=value` format and destination as every other line (core/logs.py), but formatted with
-one f-string and written at most every `FLUSH_DELAY_S` for all requests that finished meanwhile
-(each line keeps its own time): going through `logging` cost a tenth of the gateway's CPU at full
-load. Prompts are never logged.
+one f-string and written once per event-loop iteration for all requests that finished in it:
+going through `logging` cost a tenth of the gateway's CPU at full load. Prompts are never logged.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ from typing import Any
 from cortex.core.logs import request_id_var
 
 LOGGER = "cortex.gateway.access"
-# Lines wait this long and go out in one write: under load, one write for all requests of the moment;
-# idle, the write happens after the client's next request had its turn, not between the two.
-FLUSH_DELAY_S = 0.02
 _PLAIN = re.compile(r"[A-Za-z0-9_./:@+\[\]-]+").fullmatch
 _NAME_MAX = 80  # characters of a requested model name the log keeps
 
@@ -87,7 +83,7 @@ class AccessLog:
         )
         if len(self._pending) == 1:
             try:
-                asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self.flush)
+                asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop (tests, shutdown): write now
                 self.flush()
 

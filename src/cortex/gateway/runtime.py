@@ -131,7 +131,6 @@ class Gateway:
                 job.task.cancel()
         self.neuron_http.close()
         await self.session.close()
-        self.accounting.access_log.flush()  # the last lines, whose delayed write may not have run
 
     def _node_lost(self, node: Node) -> None:
         self.relay.node_lost(node.name, silent_for_s=self.poll.timeout_s)

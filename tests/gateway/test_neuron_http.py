@@ -19,6 +19,7 @@ from cortex.gateway.neuron_http import (
     NeuronResponse,
     Timeouts,
 )
+from tests.support.gateway_procs import eventually
 from tests.support.procs import free_port
 
 TIMEOUTS = Timeouts(connect_s=2.0, read_s=5.0)
@@ -237,7 +238,7 @@ async def test_a_connection_the_neuron_dropped_while_idle_is_not_reused(server: 
     first = await client.post(server.url / "a", b"{}", HEADERS, TIMEOUTS)
     await first.read()
     first.release()
-    await asyncio.sleep(0.5)  # the server closed the idle connection meanwhile
+    await eventually(lambda: not any(client._idle.values()))  # the server closed it; the pool let it go
     second = await client.post(server.url / "b", b"{}", HEADERS, TIMEOUTS)
     assert await second.read() == b'{"path": "/b"}'
     second.release()

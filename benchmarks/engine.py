@@ -11,6 +11,9 @@ Measures (greedy, EOS ignored so every request produces exactly N tokens):
   and how many of the engine's serial answers equal `generate()`'s;
 - TTFT of a request that arrives while S-1 others stream, vs its TTFT on an idle model;
 - prefix reuse: TTFT of a request sharing a ~2,000-token prefix with the one before it, vs the first's;
+- `--no-onednn`: the engine's CPU projections on torch's `F.linear` instead of packed oneDNN weights;
+- `--projections` (CPU): two engines on the same weights, one packing its projections for oneDNN, one
+  on `F.linear`; single stream, aggregate of S streams and identical-to-serial, alternating per round;
 - `--single-only`: just the single-stream figures, `generate()` and the engine back to back per round;
 - CPU only: the same model in bfloat16 (and int8 dynamic quantisation when torch offers it): decode
   speed and how many answers change; llama.cpp (the shipped GGUF) when `llama_cpp` is importable.
@@ -54,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefix-tokens", type=int, default=2000)
     parser.add_argument("--no-peers", action="store_true", help="skip generate_batch (and llama.cpp)")
     parser.add_argument("--no-dtypes", action="store_true", help="skip the CPU bf16/int8 experiment")
+    parser.add_argument("--no-onednn", action="store_true", help="engine on F.linear, as `[engine] cpu_onednn = false`")
+    parser.add_argument(
+        "--projections",
+        action="store_true",
+        help="CPU: the engine on oneDNN-packed projections vs on F.linear, two engines alternating per round",
+    )
     parser.add_argument(
         "--single-only", action="store_true", help="only single-stream decode, engine vs generate(), paired per round"
     )
@@ -266,11 +275,19 @@ async def main() -> None:
     repeats = args.repeats or (1 if gpu else 3)
     tokenizer, build, description = tokenizer_and_model(args.shape, device, getattr(torch, dtype_name))
     prompts = [render(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(count)]
+    if args.projections and not gpu:
+        report = await projections(build, tokenizer, prompts, new_tokens, repeats)
+        report.update(date=time.strftime("%Y-%m-%d", time.gmtime()), model=description, dtype=dtype_name)
+        report.update(torch_threads=torch.get_num_threads(), new_tokens=new_tokens, streams=count)
+        print(json.dumps(report, indent=2))
+        return
     module = build()
-    peers = Peers(module, device)
+    # On CPU the engine packs its float32 projections for oneDNN (cpu_linear.py), changing the module it
+    # is given: plain transformers gets a module of its own, so `generate()` stays the reference it is.
+    peers = Peers(module if gpu else build(), device)
     peers.generate(prompts[0], 2)  # warm-up, as the engine's load does for itself
 
-    engine = Engine([device])
+    engine = Engine([device], cpu_onednn=not args.no_onednn)
     rounds: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     try:
@@ -362,6 +379,42 @@ async def main() -> None:
         }
     )
     print(json.dumps(report, indent=2))
+
+
+async def projections(
+    build: Callable[[], Any], tokenizer: Any, prompts: list[list[int]], new_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """The engine with `[engine] cpu_onednn` on and off, side by side in one process (which goes first alternates)."""
+    engines = {"onednn": Engine(["cpu"], cpu_onednn=True), "f_linear": Engine(["cpu"], cpu_onednn=False)}
+    try:
+        models = {name: await e.adopt(name, "cpu", lambda: (build(), tokenizer)) for name, e in engines.items()}
+        serial = {name: [(await request(m, p, new_tokens))[2] for p in prompts] for name, m in models.items()}
+        rounds = []
+        for index in range(repeats):
+            row: dict[str, float] = {}
+            for name in list(models) if index % 2 == 0 else list(models)[::-1]:
+                row[f"{name}_decode_tok_s"] = await single_decode(models[name], prompts[0], new_tokens)
+                aggregate, texts = await concurrent(models[name], prompts, new_tokens)
+                row[f"{name}_aggregate_tok_s"] = aggregate
+                row[f"{name}_identical_to_serial"] = sum(a == b for a, b in zip(texts, serial[name], strict=True))
+            rounds.append(row)
+        keys = [f"{n}_{k}" for n in models for k in ("decode_tok_s", "aggregate_tok_s")]
+        return {
+            "packed": models["onednn"].kv_stats()["cpu_onednn"],
+            "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
+            "figures": {key: median(rounds, key) for key in keys},
+            "identical_to_serial": {
+                n: f"{min(int(r[f'{n}_identical_to_serial']) for r in rounds)}/{len(prompts)}" for n in models
+            },
+            "serial_answers_equal": f"{sum(a == b for a, b in zip(*serial.values(), strict=True))}/{len(prompts)}",
+            "ratios": {
+                f"onednn_vs_f_linear_{k}": statistics.median(r[f"onednn_{k}"] / r[f"f_linear_{k}"] for r in rounds)
+                for k in ("decode_tok_s", "aggregate_tok_s")
+            },
+        }
+    finally:
+        for e in engines.values():
+            e.close()
 
 
 async def single_only(

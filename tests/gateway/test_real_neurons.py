@@ -1,8 +1,8 @@
 """Every routing rule once more, with real `neuron serve` processes and tiny models on CPU.
 
 CPU neurons report one "cpu" device whose memory is a configured budget, so placement and
-eviction behave as on GPUs: a tiny model measures ~12 MB, neuron `a` has room for three and
-neuron `b` for one.
+eviction behave as on GPUs: a tiny model measures ~24 MB (its weights and the packed copy of its
+tied head), neuron `a` has room for three and neuron `b` for one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.support.gateway_client import (
 from tests.support.gateway_procs import eventually, wait_until
 from tests.support.procs import Daemon, free_port, get_json, run_neuron
 
-TINY_MB = 12
+TINY_MB = 24  # 12 MiB of weights + the oneDNN-packed copy of its tied head (cpu_linear.py)
 
 
 def neuron_toml(root: Path, budget_mb: int) -> str:
@@ -49,7 +49,7 @@ def tiny_catalogue(tiny: Path, *ids: str, **fields: dict[str, Any]) -> str:
 def neurons(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[dict[str, Daemon]]:
     tmp = tmp_path_factory.mktemp("real-neurons")
     root = tiny_model.parent.parent
-    with run_neuron(tmp, neuron_toml(root, 40)) as a, run_neuron(tmp, neuron_toml(root, 20)) as b:
+    with run_neuron(tmp, neuron_toml(root, 80)) as a, run_neuron(tmp, neuron_toml(root, 40)) as b:
         yield {"a": a, "b": b}
 
 
@@ -222,8 +222,8 @@ async def test_failover_when_a_neuron_is_killed_and_recovery_when_it_returns(
 ) -> None:
     root = tiny_model.parent.parent
     port = free_port()
-    c = stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 40), port=port))
-    d = stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 40)))
+    c = stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 80), port=port))
+    d = stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 80)))
     catalogue = tiny_catalogue(tiny_model, "t1", "t2", t2={"pinned_on": ["c"]})
     gateway = start_gateway({"c": c, "d": d}, catalogue, poll_interval_s=0.5)
     assert (await chat(http, gateway, "t2", max_tokens=2))[0] == 200
@@ -233,7 +233,7 @@ async def test_failover_when_a_neuron_is_killed_and_recovery_when_it_returns(
     assert status == 200, body  # failed over: cold-loaded on d
     assert models_on(d) == {"t2": "loaded"}
     assert not get_json(f"{gateway.url}/health")["neurons"]["c"]["healthy"]
-    stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 40), port=port))  # c comes back
+    stack.enter_context(run_neuron(tmp_path, neuron_toml(root, 80), port=port))  # c comes back
     await eventually(lambda: get_json(f"{gateway.url}/health")["neurons"]["c"]["healthy"], timeout=60)
     assert (await chat(http, gateway, "t1", max_tokens=2))[0] == 200  # placed on the returned node too
     assert models_on(c) == {"t1": "loaded"}

@@ -38,7 +38,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> P
 @pytest.fixture(scope="module")
 def bare_neuron(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Daemon]:
     config = f'default_models = []\nmodel_roots = ["{models_root}"]\ntoken = "s3cret"\n'
-    config += '[devices]\nuse = "cpu"\ncpu_memory_mb = 20\n'
+    config += '[devices]\nuse = "cpu"\ncpu_memory_mb = 40\n'
     with run_neuron(tmp_path_factory.mktemp("bare"), config) as daemon:
         yield daemon
 
@@ -136,7 +136,7 @@ async def test_model_over_cpu_budget_fails_out_of_memory(
     url, source = bare_neuron.url, str(models_root / "good")
     await load(http, url, "first", source)
     await asyncio.to_thread(wait_status, url, "first")
-    await load(http, url, "second", source)  # a 20 MiB budget holds one tiny model, not more
+    await load(http, url, "second", source)  # a 40 MiB budget holds one tiny model, not more
     entry = await asyncio.to_thread(wait_status, url, "second", "failed")
     assert entry["error"]["reason"] == "out_of_memory"
     await http.post(f"{url}/models/unload", json={"model_id": "first"}, headers=AUTH)

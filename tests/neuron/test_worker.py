@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import threading
 from pathlib import Path
 
@@ -112,3 +114,24 @@ async def test_lifecycle_reports_the_failed_load_with_its_reason(tiny_model: Pat
         assert "CPU-only build" in (slot.error.message or "")
     finally:
         engine.close()
+
+
+def _openmp_threads() -> int:
+    """This thread's OpenMP thread count, from the libgomp torch loaded (what oneDNN and MKL read)."""
+    libraries = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    if not libraries:
+        pytest.skip("torch here does not use libgomp")
+    return int(ctypes.CDLL(sorted(libraries)[0]).omp_get_max_threads())
+
+
+def test_the_worker_thread_uses_the_process_thread_count() -> None:
+    """OpenMP's count is per thread; a worker must not start at one thread per core behind the neuron's back."""
+    previous = torch.get_num_threads()
+    chosen = (os.cpu_count() or 1) + 1  # not what a new thread would start with (one per core)
+    torch.set_num_threads(chosen)
+    worker = DeviceWorker("cpu")
+    try:
+        assert worker.submit(_openmp_threads).result(timeout=30) == chosen
+    finally:
+        worker.close()
+        torch.set_num_threads(previous)

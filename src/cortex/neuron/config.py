@@ -81,6 +81,9 @@ class EngineConfig(_Strict):
     cores: int | None = Field(default=None, ge=1)
     # Decode from captured CUDA graphs on CUDA devices; false runs eager (for debugging).
     cuda_graphs: bool = True
+    # float32 models on CPU: projections on oneDNN with weights packed once at load (faster than the
+    # BLAS path, and batch-invariant); false keeps torch's F.linear.
+    cpu_onednn: bool = True
     # Each model's paged KV pool on a GPU: this share of the memory free once its weights are loaded,
     # at most kv_memory_max_mb (co-resident models must still fit; /models reports the pool's bytes).
     kv_memory_fraction: float = Field(default=0.5, gt=0, le=0.95)

@@ -226,9 +226,11 @@ class Lifecycle:
         budget = slot.device.vram_total_mb
         if others + need > budget:
             slot.loaded = loaded  # so _fail unloads it
+            packed = round(loaded.pack_stats.extra_bytes / 2**20)
+            hint = f" ({packed} MiB of it a packed copy of a tied head: [engine] cpu_onednn = false)" if packed else ""
             raise LoadError(
                 "out_of_memory",
-                f"model needs {need} MiB but only {budget - others} MiB of the {budget} MiB CPU budget is free",
+                f"model needs {need} MiB{hint} but only {budget - others} MiB of the {budget} MiB CPU budget is free",
             )
 
     async def _fail(self, slot: ModelSlot, reason: str, message: str) -> None:

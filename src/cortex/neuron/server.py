@@ -42,7 +42,10 @@ async def serve(config: NeuronConfig) -> None:
         cpu_budget_bytes=cpu.vram_total_mb * 2**20 if cpu is not None else None,
     )
     engine = Engine(
-        [d.torch_name for d in hardware.devices], kv_budget=kv_budget, cuda_graphs=config.engine.cuda_graphs
+        [d.torch_name for d in hardware.devices],
+        kv_budget=kv_budget,
+        cuda_graphs=config.engine.cuda_graphs,
+        cpu_onednn=config.engine.cpu_onednn,
     )
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request

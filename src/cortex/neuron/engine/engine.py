@@ -49,6 +49,7 @@ class Engine:
         step_tokens: int | None = None,
         kv_budget: KVBudget | None = None,
         cuda_graphs: bool = True,
+        cpu_onednn: bool = True,
     ) -> None:
         if not devices:
             raise ValueError("an engine needs at least one device")
@@ -58,6 +59,7 @@ class Engine:
         self._step_tokens = step_tokens
         self._kv_budget = kv_budget or KVBudget()
         self._cuda_graphs = cuda_graphs  # decode from captured CUDA graphs on CUDA devices (cuda_graphs.py)
+        self._cpu_onednn = cpu_onednn  # float32 CPU projections on oneDNN-packed weights (cpu_linear.py)
 
     @property
     def devices(self) -> list[str]:
@@ -178,6 +180,7 @@ class Engine:
         """Worker thread: get the weights, start a scheduler, warm up. Raises LoadError only."""
         try:
             model = LoadedModel(weights(), worker, self._options(worker.device), self._kv_budget)
+            model._pack_linears(self._cpu_onednn)
             report(0.95, "warming up")
             model._warm_up()
             if is_cuda(worker.device):

@@ -2,7 +2,7 @@
 
 Prompt rendering and parsing (chat template, tool calls, reasoning) are pure Python and run wherever
 the caller calls them; generation goes through the model's scheduler (scheduler.py), whose steps run
-on the device worker. The worker-side hooks (`_warm_up`, `_capture_graphs`, `_release`) are called by
+on the device worker. The worker-side hooks (`_pack_linears`, `_warm_up`, `_capture_graphs`, `_release`) are called by
 `Engine` (engine.py) on that worker during load and unload.
 """
 
@@ -20,6 +20,7 @@ import torch
 from .attention import KVPool
 from .blocks import BlockManager
 from .chat import ChatRenderer
+from .cpu_linear import PackStats, pack_linears
 from .cuda_graphs import GraphStats, capture_decode_graphs
 from .loader import LoadedWeights
 from .memory import KVBudget, cuda_allocated, is_cuda, kv_pool_blocks, kv_pool_bytes, release_memory
@@ -67,6 +68,7 @@ class LoadedModel:
         self._unloaded = False
         self._sampling_defaults = generation_defaults(weights.module)
         self.graph_stats = GraphStats(reason="not captured")
+        self.pack_stats = PackStats(reason="not packed")
 
     # Prompt side: pure Python, no torch; callers may run long renders off the loop (a tokenizer thread).
 
@@ -144,11 +146,13 @@ class LoadedModel:
             "prefix_lookup_tokens": blocks.lookup_tokens,
             "preemptions": self._scheduler.preemptions,
             "cuda_graphs": self.graph_stats.as_dict(),
+            "cpu_onednn": self.pack_stats.as_dict(),
         }
 
     @property
     def memory_bytes(self) -> int:
-        """All the device memory this model holds: weights + KV pool (on CPU: its committed blocks) + graphs.
+        """All the device memory this model holds: weights + KV pool (on CPU: its committed blocks) + graphs
+        + packed copies of shared weights (cpu_linear.py).
 
         `/models` reports it as `vram_used_mb` and the neuron's CPU budget counts it, since the gateway
         places and evicts models by it; `info.memory_bytes` stays the weights alone.
@@ -156,7 +160,7 @@ class LoadedModel:
         if self._unloaded:
             return 0
         kv = self._kv_pool.committed_bytes if self._kv_pool is not None else 0
-        return self._weights_bytes + kv + self.graph_stats.memory_bytes
+        return self._weights_bytes + kv + self.graph_stats.memory_bytes + self.pack_stats.extra_bytes
 
     @property
     def sequence_capacity(self) -> int:
@@ -195,6 +199,12 @@ class LoadedModel:
         if runner is not None:
             runner.warm_up(_warm_up_token(self._tokenizer))
 
+    def _pack_linears(self, enabled: bool) -> None:
+        """Worker thread, before warm-up: CPU float32 projections onto oneDNN's packed weights (cpu_linear.py)."""
+        runner = self._scheduler.runner
+        if runner is not None and runner.module is not None:
+            self.pack_stats = pack_linears(runner.module, runner.device, enabled)
+
     def _capture_graphs(self, enabled: bool, max_active: int | None) -> None:
         """Worker thread, after warm-up: decode graphs for every batch the scheduler may run (CUDA only)."""
         runner, blocks = self._scheduler.runner, self._scheduler.blocks
@@ -226,7 +236,7 @@ class LoadedModel:
             del module
         if is_cuda(self.info.device):
             return before - cuda_allocated(self.info.device)
-        return self.info.memory_bytes
+        return self.info.memory_bytes + self.pack_stats.extra_bytes
 
 
 def generation_defaults(module: Any) -> dict[str, float]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention import ATTENTION_NAME, AttentionContext, KVPool, PrefillChunk, register, set_context
+from .cpu_linear import release_packed
 from .types import DeviceFault, LoadError
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class ModelRunner:
         self.kv = None
         module, self.module = self.module, None
         if module is not None:
+            release_packed(module)
             strip_module(module)
 
     def _raise_injected_fault(self) -> None:

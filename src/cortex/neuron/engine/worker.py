@@ -158,6 +158,10 @@ class DeviceWorker:
         import torch
 
         device = torch.device(self.device)  # a name torch does not know fails here, not in the first load
+        # OpenMP's thread count is per thread: a new thread starts at one per core, whatever the neuron
+        # chose (threads.py). torch's own kernels catch up lazily; oneDNN and MKL, called directly
+        # (cpu_linear.py), would not. Apply the process's choice to this thread before any work.
+        torch.set_num_threads(torch.get_num_threads())
         if device.type == "cuda":
             check_cuda_device(device.index or 0)
             torch.cuda.set_device(device)

@@ -24,7 +24,7 @@ import pytest
 
 from tests.chaos.conftest import MARGIN_S, Clock, chaos_gateway_toml, neuron_toml, report, resume, stop
 from tests.support.gateway_procs import GatewayDaemon, run_gateway, wait_until
-from tests.support.procs import Daemon, run_neuron, wait_model_status
+from tests.support.procs import Daemon, get_json, run_neuron, wait_model_status
 
 MODEL = "tiny"
 
@@ -76,6 +76,12 @@ def served_by(gateway: GatewayDaemon, rid: str) -> str:
     return found.split(" node=", 1)[1].split(" ", 1)[0]
 
 
+def loaded_on(gateway_url: str) -> list[str]:
+    """The nodes the gateway's catalogue shows the model loaded on (its poller's view, not the neurons')."""
+    models = get_json(f"{gateway_url}/v1/models")["data"]
+    return next((m["loaded_on"] for m in models if m["id"] == MODEL), [])
+
+
 def arm(http_url: str) -> None:
     import urllib.request
 
@@ -95,7 +101,9 @@ async def test_a_device_fault_before_output_is_served_by_the_other_replica(
             wait_model_status(neuron.url, MODEL)
         with run_gateway(tmp_path, chaos_gateway_toml({n: d.url for n, d in neurons.items()}), wait_healthy=2) as gw:
             for round_, stream in enumerate((True, False)):
-                # The replica the router picks next is the one used least recently: not the last one.
+                # Both replicas serving in the gateway's view (round 0's faulted one has reloaded and been
+                # polled since), so the router's pick is the one used least recently: not the last one.
+                wait_until(lambda: sorted(loaded_on(gw.url)) == ["a", "b"], timeout=MARGIN_S * 2)
                 await through(http, gw.url, body(f"warm {round_}"), f"warm-{round_}", stream=False)
                 last = served_by(gw, f"warm-{round_}")
                 target = "b" if last == "a" else "a"

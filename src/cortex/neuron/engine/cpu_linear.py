@@ -49,8 +49,7 @@ class PackedLinear(torch.nn.Module):
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None  # shared (a tied head): its owner still needs it
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.packed is not None, "packed linear used after release"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # per projection per step: nothing but the op
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

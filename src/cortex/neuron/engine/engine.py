@@ -128,7 +128,7 @@ class Engine:
         return name, self._workers[name]
 
     def _tracked_bytes(self, device: str) -> int:
-        return sum(m.info.memory_bytes + m.pack_stats.extra_bytes for m in self._models.get(device, []))
+        return sum(m.weight_bytes for m in self._models.get(device, []))
 
     def _options(self, device: str) -> SchedulerOptions:
         step = self._step_tokens or (CUDA_STEP_TOKENS if is_cuda(device) else CPU_STEP_TOKENS)

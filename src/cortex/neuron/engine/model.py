@@ -2,8 +2,8 @@
 
 Prompt rendering and parsing (chat template, tool calls, reasoning) are pure Python and run wherever
 the caller calls them; generation goes through the model's scheduler (scheduler.py), whose steps run
-on the device worker. The worker-side hooks (`_pack_linears`, `_warm_up`, `_capture_graphs`, `_release`) are called by
-`Engine` (engine.py) on that worker during load and unload.
+on the device worker. The worker-side hooks (`_pack_linears`, `_warm_up`, `_capture_graphs`,
+`_release`) are called by `Engine` (engine.py) on that worker during load and unload.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class LoadedModel:
         pool = KVPool(shape.layers, blocks, kv_budget.block_size, shape.kv_heads, shape.head_dim, shape.dtype, device)
         self._kv_bytes = pool.bytes
         self._kv_pool: KVPool | None = pool
-        self._weights_bytes = weights.info.memory_bytes
         self._scheduler = Scheduler(
             worker,
             ModelRunner(weights.module, weights.info.device, pool),
@@ -150,17 +149,23 @@ class LoadedModel:
         }
 
     @property
+    def weight_bytes(self) -> int:
+        """The weights as held: as loaded (`info.memory_bytes`) plus packed copies kept beside shared
+        weights (cpu_linear.py). What an unload frees on CPU, and what the engine counts as allocated there."""
+        return self.info.memory_bytes + self.pack_stats.extra_bytes
+
+    @property
     def memory_bytes(self) -> int:
-        """All the device memory this model holds: weights + KV pool (on CPU: its committed blocks) + graphs
-        + packed copies of shared weights (cpu_linear.py).
+        """All the device memory this model holds: its weights (`weight_bytes`) + KV pool (on CPU: its
+        committed blocks) + graphs.
 
         `/models` reports it as `vram_used_mb` and the neuron's CPU budget counts it, since the gateway
-        places and evicts models by it; `info.memory_bytes` stays the weights alone.
+        places and evicts models by it; `info.memory_bytes` stays the weights as loaded.
         """
         if self._unloaded:
             return 0
         kv = self._kv_pool.committed_bytes if self._kv_pool is not None else 0
-        return self._weights_bytes + kv + self.graph_stats.memory_bytes + self.pack_stats.extra_bytes
+        return self.weight_bytes + kv + self.graph_stats.memory_bytes
 
     @property
     def sequence_capacity(self) -> int:
@@ -236,7 +241,7 @@ class LoadedModel:
             del module
         if is_cuda(self.info.device):
             return before - cuda_allocated(self.info.device)
-        return self.info.memory_bytes + self.pack_stats.extra_bytes
+        return self.weight_bytes
 
 
 def generation_defaults(module: Any) -> dict[str, float]:

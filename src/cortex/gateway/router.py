@@ -45,6 +45,7 @@ class Lease:
         self.replica = replica
         self.released = False
         replica.in_flight += 1
+        replica.ours_since_poll = max(replica.ours_since_poll, replica.in_flight)
         replica.last_used = time.monotonic()
 
     def release(self) -> None:

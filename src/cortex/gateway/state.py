@@ -52,6 +52,9 @@ class Replica:
     others_in_flight: int = 0
     # The gateway's own facts.
     in_flight: int = 0  # requests this gateway has open on this replica right now
+    # The most this gateway had open here since the last poll was applied: the poll's snapshot was taken
+    # somewhere in that window, so it can count any of those, even one that has finished since.
+    ours_since_poll: int = 0
     last_used: float = 0.0  # monotonic; 0 = not used since this gateway started
     resident_since: float | None = None  # monotonic time it was first seen loaded
     evicting: bool = False  # chosen as an eviction victim: route nothing new to it
@@ -178,7 +181,9 @@ class FleetState:
                 replica.polled_queue_depth = model.queue_depth
                 # Ours finish without waiting for the next poll, so only the excess counts as others'.
                 total = replica.polled_in_flight + replica.polled_queue_depth
-                replica.others_in_flight = max(0, total - replica.in_flight)
+                ours = max(replica.ours_since_poll, replica.in_flight)
+                replica.others_in_flight = max(0, total - ours)
+                replica.ours_since_poll = replica.in_flight
 
     def apply_models(self, node: Node, models: list[ModelEntry], now: float | None = None) -> None:
         """Replace the node's model list; keep the gateway's own facts about models still there."""

@@ -9,6 +9,12 @@ also ships, takes the weight in its own blocked layout, reordered once here (the
 SmolLM2-135M ran 1.15x faster at one token and 1.5x at eight. Its results also do not depend on how
 many rows share the product, so a sequence's logits do not change with what else is in its batch.
 
+Sibling projections that read the same input (`q_proj`/`k_proj`/`v_proj` of an attention block,
+`gate_proj`/`up_proj` of an MLP) are packed as ONE weight, concatenated: the first sibling's call runs
+one product for all of them and the others take their slice of it (`SharedProduct`), so the model
+code runs unchanged. Fewer, wider products stream the weights faster: on the same host the
+projections ran 1.06x faster at one token and 1.2x at eight than packed one by one.
+
 Only float32 models on CPU are packed (the GPU runs cuBLAS; bf16 packing needs AVX-512 or AVX-NE).
 Packing is checked against `F.linear` on a probe before it is used: anything unexpected (an older
 torch, a build without oneDNN, a result that differs) leaves the model on `F.linear` and says why.
@@ -31,11 +37,21 @@ class PackStats:
     """What packing did, for the load log and /models."""
 
     packed: int = 0  # linear layers now on oneDNN
+    fused: int = 0  # of those, sibling groups computed as one product (q/k/v, gate/up)
     extra_bytes: int = 0  # packed copies of weights that stay in use elsewhere (a head tied to the embedding)
     reason: str | None = None  # why nothing was packed, when nothing was
 
     def as_dict(self) -> dict[str, Any]:
-        return {"packed": self.packed, "extra_mb": round(self.extra_bytes / 2**20), "reason": self.reason}
+        return {
+            "packed": self.packed,
+            "fused_groups": self.fused,
+            "extra_mb": round(self.extra_bytes / 2**20),
+            "reason": self.reason,
+        }
+
+
+# Projections a model's code calls one after the other on the same input (Llama, Mistral, Qwen, ...).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class PackedLinear(torch.nn.Module):
@@ -56,6 +72,59 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
 
 
+class SharedProduct:
+    """One packed product over sibling projections' concatenated weights, computed once per input.
+
+    The model calls each sibling with the same input tensor in turn. The first call computes the whole
+    product and keeps its slices; the others take theirs while the input is the same tensor object
+    (model code does not change it in place between the calls; inference tensors have no version
+    counter to check). Any other call — a different input, or a sibling asked twice — computes afresh, so a
+    model that does not follow the pattern is still answered correctly, only not faster. The slices
+    are dropped as soon as every sibling has taken its own.
+    """
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
+        self.packed: torch.Tensor | None = packed
+        self.bias = bias
+        self.sizes = sizes
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._taken: set[int] = set()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self._input or index in self._taken:
+            product = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            self._parts = product.split(self.sizes, dim=-1)
+            self._input, self._taken = x, set()
+        self._taken.add(index)
+        part = self._parts[index]
+        if len(self._taken) == len(self.sizes):
+            self._input, self._parts = None, ()
+        return part
+
+    def release(self) -> None:
+        self.packed = self.bias = self._input = None
+        self._parts = ()
+
+
+class FusedPart(torch.nn.Module):
+    """A sibling projection answered from its group's `SharedProduct` (its own weight is gone)."""
+
+    def __init__(self, linear: torch.nn.Linear, shared: SharedProduct, index: int) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = None
+        self.shared = shared
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn, fused part {self.index}"
+
+
 def pack_linears(module: torch.nn.Module, device: torch.device, enabled: bool = True) -> PackStats:
     """Replace the float32 `nn.Linear`s of a CPU model with `PackedLinear`s; returns what was done."""
     if not enabled:
@@ -72,6 +141,11 @@ def pack_linears(module: torch.nn.Module, device: torch.device, enabled: bool = 
     shared = _shared_storages(module)
     stats = PackStats()
     with torch.no_grad():
+        for parent_name, group in _sibling_groups(module, shared):
+            _fuse(module, parent_name, group)
+            stats.packed += len(group)
+            stats.fused += 1
+        linears = [(name, m) for name, m in module.named_modules() if type(m) is torch.nn.Linear]
         for name, linear in linears:
             keep = linear.weight.untyped_storage().data_ptr() in shared
             packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
@@ -86,6 +160,8 @@ def release_packed(module: torch.nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, PackedLinear):
             child.packed = None
+        elif isinstance(child, FusedPart):
+            child.shared.release()
 
 
 def _unusable(linear: torch.nn.Linear) -> str | None:
@@ -113,6 +189,36 @@ def _shared_storages(module: torch.nn.Module) -> set[int]:
         pointer = parameter.untyped_storage().data_ptr()
         seen[pointer] = seen.get(pointer, 0) + 1
     return {pointer for pointer, count in seen.items() if count > 1}
+
+
+def _sibling_groups(module: torch.nn.Module, shared: set[int]) -> list[tuple[str, list[str]]]:
+    """(parent, sibling names) for every complete group of plain, untied linears on one input width."""
+    groups: list[tuple[str, list[str]]] = []
+    for parent_name, parent in module.named_modules():
+        for names in SIBLINGS:
+            children = [getattr(parent, n, None) for n in names]
+            if not all(type(c) is torch.nn.Linear for c in children):
+                continue
+            if len({c.in_features for c in children}) != 1:
+                continue
+            if any(c.weight.untyped_storage().data_ptr() in shared for c in children):
+                continue
+            groups.append((parent_name, list(names)))
+    return groups
+
+
+def _fuse(module: torch.nn.Module, parent_name: str, names: list[str]) -> None:
+    parent = module.get_submodule(parent_name) if parent_name else module
+    children: list[torch.nn.Linear] = [getattr(parent, n) for n in names]
+    weight = torch.cat([c.weight.detach() for c in children])
+    bias = None
+    if any(c.bias is not None for c in children):
+        bias = torch.cat(
+            [c.bias.detach() if c.bias is not None else c.weight.new_zeros(c.out_features) for c in children]
+        )
+    product = SharedProduct(torch.ops.mkldnn._reorder_linear_weight(weight), bias, [c.out_features for c in children])
+    for index, (name, child) in enumerate(zip(names, children, strict=True)):
+        setattr(parent, name, FusedPart(child, product, index))
 
 
 def _replace(module: torch.nn.Module, name: str, child: torch.nn.Module) -> None:

@@ -78,9 +78,9 @@ class SharedProduct:
     The model calls each sibling with the same input tensor in turn. The first call computes the whole
     product and keeps its slices; the others take theirs while the input is the same tensor object
     (model code does not change it in place between the calls; inference tensors have no version
-    counter to check). Any other call — a different input, or a sibling asked twice — computes afresh, so a
-    model that does not follow the pattern is still answered correctly, only not faster. The slices
-    are dropped as soon as every sibling has taken its own.
+    counter to check). Any other call — a different input, or a sibling asked twice — computes
+    afresh, so a model that does not follow the pattern is still answered correctly, only not
+    faster. The slices are dropped as soon as every sibling has taken its own.
     """
 
     def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
@@ -126,7 +126,8 @@ class FusedPart(torch.nn.Module):
 
 
 def pack_linears(module: torch.nn.Module, device: torch.device, enabled: bool = True) -> PackStats:
-    """Replace the float32 `nn.Linear`s of a CPU model with `PackedLinear`s; returns what was done."""
+    """Replace the float32 `nn.Linear`s of a CPU model with `FusedPart`s (sibling groups, one product
+    each) and `PackedLinear`s (the rest); returns what was done."""
     if not enabled:
         return PackStats(reason="disabled by config ([engine] cpu_onednn = false)")
     if device.type != "cpu":

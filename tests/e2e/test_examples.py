@@ -11,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from tests.support.gateway_procs import wait_until
 from tests.support.procs import free_port, spawn, wait_http
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -48,8 +49,8 @@ def test_the_gateway_example_starts_with_its_catalogue(tmp_path: Path) -> None:
     proc = spawn([sys.executable, "-m", "cortex.cli.cortex_cmd", "serve", "--config", str(config)], log, env)
     try:
         wait_http(f"http://127.0.0.1:{listen.rpartition(':')[2]}/health", proc, log, timeout=60)
-        text = log.read_text()
-        assert "event=gateway.listening" in text and "configuration error" not in text
+        wait_until(lambda: "event=gateway.listening" in log.read_text(), timeout=30)
+        assert "configuration error" not in log.read_text()
     finally:
         proc.terminate()
         proc.wait(30)

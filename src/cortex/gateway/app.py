@@ -111,10 +111,11 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(fleet)
     await gateway.start()
-    runners = [await _site(build_app(gateway), gateway.config.listen)]
     metrics_listen = gateway.config.metrics_listen
-    if metrics_listen:
-        runners.append(await _site(build_metrics_app(gateway), metrics_listen))
+    metrics = [await _site(build_metrics_app(gateway), metrics_listen)] if metrics_listen else []
+    # The API site starts last, and nothing awaits between it and `gateway.listening` below: no request
+    # is answered (or logged) before that line is written.
+    runners = [await _site(build_app(gateway), gateway.config.listen), *metrics]
     # Everything built so far lives as long as the process: keep it out of every future GC pass,
     # so a full collection never stalls a request for milliseconds walking startup objects.
     gc.collect()

@@ -44,14 +44,13 @@ class Lease:
         self.node = node
         self.replica = replica
         self.released = False
-        replica.in_flight += 1
-        replica.ours_since_poll = max(replica.ours_since_poll, replica.in_flight)
+        replica.open_ours()
         replica.last_used = time.monotonic()
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.replica.in_flight -= 1
+            self.replica.close_ours()
             self.replica.last_used = time.monotonic()
 
 

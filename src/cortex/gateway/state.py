@@ -70,6 +70,14 @@ class Replica:
     def has_requests(self) -> bool:
         return self.in_flight > 0 or self.others_in_flight > 0
 
+    def open_ours(self) -> None:
+        """One more request of ours here: counted now, and remembered until the next poll is applied."""
+        self.in_flight += 1
+        self.ours_since_poll = max(self.ours_since_poll, self.in_flight)
+
+    def close_ours(self) -> None:
+        self.in_flight -= 1
+
 
 @dataclass
 class Reservation:
@@ -181,8 +189,7 @@ class FleetState:
                 replica.polled_queue_depth = model.queue_depth
                 # Ours finish without waiting for the next poll, so only the excess counts as others'.
                 total = replica.polled_in_flight + replica.polled_queue_depth
-                ours = max(replica.ours_since_poll, replica.in_flight)
-                replica.others_in_flight = max(0, total - ours)
+                replica.others_in_flight = max(0, total - replica.ours_since_poll)  # ours_since_poll >= in_flight
                 replica.ours_since_poll = replica.in_flight
 
     def apply_models(self, node: Node, models: list[ModelEntry], now: float | None = None) -> None:

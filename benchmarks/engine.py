@@ -13,7 +13,9 @@ Measures (greedy, EOS ignored so every request produces exactly N tokens):
 - prefix reuse: TTFT of a request sharing a ~2,000-token prefix with the one before it, vs the first's;
 - `--no-onednn`: the engine's CPU projections on torch's `F.linear` instead of packed oneDNN weights;
 - `--projections` (CPU): two engines on the same weights, one packing its projections for oneDNN, one
-  on `F.linear`; single stream, aggregate of S streams and identical-to-serial, alternating per round;
+  on `F.linear`; single stream, aggregate of S streams and identical-to-serial, alternating per round,
+  with `generate()`'s single stream in each round;
+- `--compile-ab` (CPU): the same with one engine's decode steps compiled (`--cpu-compile`) and one eager;
 - `--single-only`: just the single-stream figures, `generate()` and the engine back to back per round;
 - CPU only: the same model in bfloat16 (and int8 dynamic quantisation when torch offers it): decode
   speed and how many answers change; llama.cpp (the shipped GGUF) when `llama_cpp` is importable.
@@ -62,6 +64,14 @@ def parse_args() -> argparse.Namespace:
         "--projections",
         action="store_true",
         help="CPU: the engine on oneDNN-packed projections vs on F.linear, two engines alternating per round",
+    )
+    parser.add_argument(
+        "--cpu-compile", action="store_true", help="engine decode steps compiled, as `[engine] cpu_compile = true`"
+    )
+    parser.add_argument(
+        "--compile-ab",
+        action="store_true",
+        help="CPU: the engine with compiled decode steps vs eager, two engines alternating per round",
     )
     parser.add_argument(
         "--single-only", action="store_true", help="only single-stream decode, engine vs generate(), paired per round"
@@ -275,8 +285,9 @@ async def main() -> None:
     repeats = args.repeats or (1 if gpu else 3)
     tokenizer, build, description = tokenizer_and_model(args.shape, device, getattr(torch, dtype_name))
     prompts = [render(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(count)]
-    if args.projections and not gpu:
-        report = await projections(build, tokenizer, prompts, new_tokens, repeats)
+    compare = "projections" if args.projections else "compile" if args.compile_ab else None
+    if compare and not gpu:
+        report = await side_by_side(build, tokenizer, prompts, new_tokens, repeats, VARIANTS[compare])
         report.update(date=time.strftime("%Y-%m-%d", time.gmtime()), model=description, dtype=dtype_name)
         report.update(torch_threads=torch.get_num_threads(), new_tokens=new_tokens, streams=count)
         print(json.dumps(report, indent=2))
@@ -287,7 +298,7 @@ async def main() -> None:
     peers = Peers(module if gpu else build(), device)
     peers.generate(prompts[0], 2)  # warm-up, as the engine's load does for itself
 
-    engine = Engine([device], cpu_onednn=not args.no_onednn)
+    engine = Engine([device], cpu_onednn=not args.no_onednn, cpu_compile=args.cpu_compile)
     rounds: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     try:
@@ -381,36 +392,66 @@ async def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-async def projections(
-    build: Callable[[], Any], tokenizer: Any, prompts: list[list[int]], new_tokens: int, repeats: int
+VARIANTS = {
+    "projections": {"onednn": {"cpu_onednn": True}, "f_linear": {"cpu_onednn": False}},
+    "compile": {"compiled": {"cpu_compile": True}, "eager": {"cpu_compile": False}},
+}
+
+
+async def side_by_side(
+    build: Callable[[], Any],
+    tokenizer: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    variants: dict[str, dict[str, bool]],
 ) -> dict[str, Any]:
-    """The engine with `[engine] cpu_onednn` on and off, side by side in one process (which goes first alternates)."""
-    engines = {"onednn": Engine(["cpu"], cpu_onednn=True), "f_linear": Engine(["cpu"], cpu_onednn=False)}
+    """Two engines differing in one option, on the same weights in one process (which goes first alternates
+    per round), plus `generate()` each round: single stream, aggregate and identical-to-serial of each."""
+    engines = {name: Engine(["cpu"], **options) for name, options in variants.items()}
     try:
-        models = {name: await e.adopt(name, "cpu", lambda: (build(), tokenizer)) for name, e in engines.items()}
+        models = {}
+        load_s = {}
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            models[name] = await engine.adopt(name, "cpu", lambda: (build(), tokenizer))
+            load_s[name] = round(time.perf_counter() - started, 2)
+        peers = Peers(build(), "cpu")
+        peers.generate(prompts[0], 2)
         serial = {name: [(await request(m, p, new_tokens))[2] for p in prompts] for name, m in models.items()}
         rounds = []
         for index in range(repeats):
-            row: dict[str, float] = {}
+            total, _ = peers.generate(prompts[0], new_tokens)
+            first, _ = peers.generate(prompts[0], 1)
+            row: dict[str, float] = {"generate_decode_tok_s": (new_tokens - 1) / (total - first)}
             for name in list(models) if index % 2 == 0 else list(models)[::-1]:
                 row[f"{name}_decode_tok_s"] = await single_decode(models[name], prompts[0], new_tokens)
                 aggregate, texts = await concurrent(models[name], prompts, new_tokens)
                 row[f"{name}_aggregate_tok_s"] = aggregate
                 row[f"{name}_identical_to_serial"] = sum(a == b for a, b in zip(texts, serial[name], strict=True))
             rounds.append(row)
-        keys = [f"{n}_{k}" for n in models for k in ("decode_tok_s", "aggregate_tok_s")]
+        first_name, second_name = models
+        keys = ["generate_decode_tok_s"] + [f"{n}_{k}" for n in models for k in ("decode_tok_s", "aggregate_tok_s")]
+        ratios = {
+            f"{first_name}_vs_{second_name}_{k}": statistics.median(
+                r[f"{first_name}_{k}"] / r[f"{second_name}_{k}"] for r in rounds
+            )
+            for k in ("decode_tok_s", "aggregate_tok_s")
+        }
+        for name in models:
+            ratios[f"{name}_single_vs_generate"] = statistics.median(
+                r[f"{name}_decode_tok_s"] / r["generate_decode_tok_s"] for r in rounds
+            )
         return {
-            "packed": models["onednn"].kv_stats()["cpu_onednn"],
+            "load_s": load_s,
+            "kv": {name: {k: m.kv_stats()[k] for k in ("cpu_onednn", "cpu_compile")} for name, m in models.items()},
             "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
             "figures": {key: median(rounds, key) for key in keys},
             "identical_to_serial": {
                 n: f"{min(int(r[f'{n}_identical_to_serial']) for r in rounds)}/{len(prompts)}" for n in models
             },
             "serial_answers_equal": f"{sum(a == b for a, b in zip(*serial.values(), strict=True))}/{len(prompts)}",
-            "ratios": {
-                f"onednn_vs_f_linear_{k}": statistics.median(r[f"onednn_{k}"] / r[f"f_linear_{k}"] for r in rounds)
-                for k in ("decode_tok_s", "aggregate_tok_s")
-            },
+            "ratios": ratios,
         }
     finally:
         for e in engines.values():

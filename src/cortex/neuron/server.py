@@ -46,6 +46,7 @@ async def serve(config: NeuronConfig) -> None:
         kv_budget=kv_budget,
         cuda_graphs=config.engine.cuda_graphs,
         cpu_onednn=config.engine.cpu_onednn,
+        cpu_compile=config.engine.cpu_compile,
     )
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request

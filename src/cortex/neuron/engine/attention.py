@@ -17,6 +17,10 @@ worker thread runs its own model's forwards), which every layer's call reads:
 
 Grouped-query attention is computed without repeating K/V: the query heads that share a K/V head are
 folded into extra query rows ("pack GQA"), which is the same arithmetic.
+
+Under `torch.compile` (compiled CPU decode, cpu_compile.py) the layer calls the same code as the
+custom op `cortex::paged_attention`, opaque to the compiler: it reads the step's context at run
+time, so one compiled graph serves every step whatever its sequences' lengths and blocks.
 """
 
 from __future__ import annotations
@@ -159,9 +163,30 @@ def paged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, D], key/value [1, Hkv, T, D] → ([1, T, H, D], None), as transformers expects."""
+    if torch.compiler.is_compiling():  # traced: one opaque op per layer, run with the step's context
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.cortex.paged_attention(query, key, value, module.layer_idx, scale), None
+    return _attend(query, key, value, module.layer_idx, scaling), None
+
+
+@torch.library.custom_op("cortex::paged_attention", mutates_args=())
+def _paged_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
+) -> torch.Tensor:
+    return _attend(query, key, value, layer, scaling).contiguous()  # the compiler plans with the fake's strides
+
+
+@_paged_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float | None
+) -> torch.Tensor:
+    """The attention of one layer over the step's packed batch (see the module docstring): [1, T, H, D]."""
     context = get_context()
     kv = context.kv
-    layer = module.layer_idx
     _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -210,7 +235,7 @@ def paged_attention(
         outputs.append(out.reshape(heads, chunk.q_len, dim).transpose(0, 1))  # [n, H, D]
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     assert attn.shape[0] == tokens
-    return attn.unsqueeze(0), None
+    return attn.unsqueeze(0)
 
 
 def prefix_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:

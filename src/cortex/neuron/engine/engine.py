@@ -50,6 +50,7 @@ class Engine:
         kv_budget: KVBudget | None = None,
         cuda_graphs: bool = True,
         cpu_onednn: bool = True,
+        cpu_compile: bool = False,
     ) -> None:
         if not devices:
             raise ValueError("an engine needs at least one device")
@@ -60,6 +61,7 @@ class Engine:
         self._kv_budget = kv_budget or KVBudget()
         self._cuda_graphs = cuda_graphs  # decode from captured CUDA graphs on CUDA devices (cuda_graphs.py)
         self._cpu_onednn = cpu_onednn  # float32 CPU projections on oneDNN-packed weights (cpu_linear.py)
+        self._cpu_compile = cpu_compile  # CPU decode steps through torch.compile (cpu_compile.py)
 
     @property
     def devices(self) -> list[str]:
@@ -183,6 +185,9 @@ class Engine:
             model._pack_linears(self._cpu_onednn)
             report(0.95, "warming up")
             model._warm_up()
+            if self._cpu_compile and not is_cuda(worker.device):
+                report(0.96, "compiling the decode step")
+            model._compile(self._cpu_compile)
             if is_cuda(worker.device):
                 report(0.97, "capturing CUDA graphs")
             model._capture_graphs(self._cuda_graphs, self._max_active)

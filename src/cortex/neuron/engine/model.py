@@ -20,6 +20,7 @@ import torch
 from .attention import KVPool
 from .blocks import BlockManager
 from .chat import ChatRenderer
+from .cpu_compile import CompileStats, compile_cpu_decode
 from .cpu_linear import PackStats, pack_linears
 from .cuda_graphs import GraphStats, capture_decode_graphs
 from .loader import LoadedWeights
@@ -68,6 +69,7 @@ class LoadedModel:
         self._sampling_defaults = generation_defaults(weights.module)
         self.graph_stats = GraphStats(reason="not captured")
         self.pack_stats = PackStats(reason="not packed")
+        self.compile_stats = CompileStats(reason="not compiled")
 
     # Prompt side: pure Python, no torch; callers may run long renders off the loop (a tokenizer thread).
 
@@ -146,6 +148,7 @@ class LoadedModel:
             "preemptions": self._scheduler.preemptions,
             "cuda_graphs": self.graph_stats.as_dict(),
             "cpu_onednn": self.pack_stats.as_dict(),
+            "cpu_compile": self.compile_stats.as_dict(),
         }
 
     @property
@@ -209,6 +212,14 @@ class LoadedModel:
         runner = self._scheduler.runner
         if runner is not None and runner.module is not None:
             self.pack_stats = pack_linears(runner.module, runner.device, enabled)
+
+    def _compile(self, enabled: bool) -> None:
+        """Worker thread, after warm-up: compile the decode step (CPU only; cpu_compile.py)."""
+        runner = self._scheduler.runner
+        if runner is not None:
+            self.compile_stats = compile_cpu_decode(
+                runner, self.pack_stats.table, enabled=enabled, model_id=self.info.model_id
+            )
 
     def _capture_graphs(self, enabled: bool, max_active: int | None) -> None:
         """Worker thread, after warm-up: decode graphs for every batch the scheduler may run (CUDA only)."""

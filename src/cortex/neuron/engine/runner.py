@@ -12,10 +12,12 @@ A 4-D placeholder `attention_mask` makes transformers' mask builders return it u
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +26,7 @@ from .cpu_linear import release_packed
 from .types import DeviceFault, LoadError
 
 if TYPE_CHECKING:
+    from .cpu_compile import CompiledDecode
     from .cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ class ModelRunner:
         self._pending_faults = 0
         self._fault_lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only; cuda_graphs.py)
+        self.compiled: CompiledDecode | None = None  # compiled decode steps (CPU only; cpu_compile.py)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits of the kept rows, [K, vocab] (still on the device)."""
@@ -99,13 +103,19 @@ class ModelRunner:
                 logits = self.graphs.replay(batch)  # a decode-only step a captured graph covers
             if logits is not None:
                 return logits
+        elif self.compiled is not None:  # decode rows through the compiled model, prefill chunks eagerly
+            return self.compiled.forward(batch, self._eager)
         return self._eager(batch)
 
     def _eager(self, batch: StepBatch) -> torch.Tensor:
         assert self.module is not None
+        return self.call(self.module, batch)
+
+    def call(self, model: Callable[..., Any], batch: StepBatch) -> torch.Tensor:
+        """`model` (the module, or its compiled form) on one step's batch, with the step's attention context set."""
         set_context(batch.context)
         try:
-            output = self.module(
+            output = model(
                 input_ids=batch.input_ids,
                 position_ids=batch.positions,
                 attention_mask=self._placeholder_mask,
@@ -150,6 +160,7 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
         self.graphs = None
+        self.compiled = None
         if self.kv is not None:
             self.kv.release()
         self.kv = None
@@ -165,6 +176,44 @@ class ModelRunner:
             if self._pending_faults > 0:
                 self._pending_faults -= 1
                 raise DeviceFault("injected device fault (test hook)")
+
+
+def split_mixed(batch: StepBatch) -> tuple[StepBatch, StepBatch, int] | None:
+    """A step with decode rows AND prefill chunks as (decode rows, prefill chunks, chunks that sample).
+
+    The decode rows come first in the packed batch and in `keep` (the scheduler's layout), so the step's
+    logits are [the decode part's logits; the sampling chunks' logits]. A part that runs from a graph
+    (CUDA) or a compiled model (CPU) then computes its rows exactly as in a decode-only step. None when
+    the step is not mixed.
+    """
+    context = batch.context
+    n = context.num_decode
+    if not n or not context.prefills or batch.keep.shape[0] < n:
+        return None
+    # [1, n] views with the strides of a batch of their own (a compiled model guards on strides)
+    decode = StepBatch(
+        batch.input_ids[0, :n][None],
+        batch.positions[0, :n][None],
+        batch.keep[:n],
+        AttentionContext(
+            context.kv,
+            context.slot_mapping[:n],
+            num_decode=n,
+            block_tables=context.block_tables,
+            context_lens=context.context_lens,
+            decode_length=context.decode_length,
+        ),
+    )
+    tokens = batch.input_ids.shape[1]
+    sampling = batch.keep.shape[0] - n  # chunks that end their prompt and sample
+    chunks = [dataclasses.replace(chunk, q_start=chunk.q_start - n) for chunk in context.prefills]
+    prefill = StepBatch(
+        batch.input_ids[0, n:][None],
+        batch.positions[0, n:][None],
+        batch.keep[n:] - n if sampling else batch.keep.new_full((1,), tokens - n - 1),
+        AttentionContext(context.kv, context.slot_mapping[n:], prefills=chunks),
+    )
+    return decode, prefill, sampling
 
 
 def _whole(length: int, blocks: torch.Tensor) -> PrefillChunk:

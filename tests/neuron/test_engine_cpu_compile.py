@@ -1,0 +1,149 @@
+"""Compiled CPU decode steps (cpu_compile.py): the eager answers, batch-invariant, no compile after load, reported.
+
+One engine compiles the tiny model once for the whole module (compiling takes seconds even for it);
+the tests share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import torch
+
+from cortex.neuron.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, TextDelta
+from tests.support.procs import run_neuron, wait_model_status
+
+torch.set_num_threads(1)
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = ["Name a colour.", "Count to three.", "What is a neuron?", "Say hello.", "List two fruits.", "Why?"]
+
+
+def _load(directory: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    return module, AutoTokenizer.from_pretrained(directory)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pair(tiny_model: Path) -> AsyncIterator[tuple[LoadedModel, LoadedModel]]:
+    """The tiny model twice: decode compiled, and eager."""
+    compiled_engine, eager_engine = Engine(["cpu"], cpu_compile=True), Engine(["cpu"])
+    try:
+        compiled = await compiled_engine.adopt("tiny-compiled", "cpu", lambda: _load(tiny_model))
+        eager = await eager_engine.adopt("tiny-eager", "cpu", lambda: _load(tiny_model))
+        yield compiled, eager
+    finally:
+        compiled_engine.close()
+        eager_engine.close()
+
+
+async def answer(model: LoadedModel, prompt: str, sampling: SamplingParams = GREEDY) -> str:
+    request = GenerationRequest("compiled", model.encode(prompt), sampling)
+    return "".join([e.text async for e in model.generate(request) if isinstance(e, TextDelta)])
+
+
+async def test_compiled_decode_answers_what_eager_decode_does(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    compiled, eager = pair
+    report = compiled.kv_stats()["cpu_compile"]
+    assert report["compiled"] is True and report["reason"] is None
+    assert report["graphs"] >= 2 and report["compile_s"] > 0  # one row, and a row count that varies
+    before = report["decodes"]
+    for prompt in PROMPTS[:3]:
+        assert await answer(compiled, prompt) == await answer(eager, prompt)
+    assert compiled.kv_stats()["cpu_compile"]["decodes"] >= before + 3 * (GREEDY.max_new_tokens - 1)
+    assert eager.kv_stats()["cpu_compile"]["compiled"] is False
+
+
+async def test_concurrent_compiled_answers_equal_serial_ones_with_no_compile_after_load(
+    pair: tuple[LoadedModel, LoadedModel],
+) -> None:
+    """Batches of 1..6 rows, sequences joining mid-generation (mixed steps): the same tokens, the load's graphs."""
+    compiled, _ = pair
+    serial = [await answer(compiled, p) for p in PROMPTS]
+
+    async def late(index: int) -> str:
+        await asyncio.sleep(0.05 * index)  # arrivals spread over the others' decoding
+        return await answer(compiled, PROMPTS[index])
+
+    assert await asyncio.gather(*(answer(compiled, p) for p in PROMPTS)) == serial
+    assert await asyncio.gather(*(late(i) for i in range(len(PROMPTS)))) == serial
+    assert compiled.kv_stats()["cpu_compile"]["recompiles"] == 0
+
+
+async def test_sampled_and_constrained_requests_run_through_the_compiled_step(
+    pair: tuple[LoadedModel, LoadedModel],
+) -> None:
+    """Sampling and grammars act on the logits after the forward: seeded answers match the eager engine's."""
+    compiled, eager = pair
+    seeded = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    assert await answer(compiled, PROMPTS[0], seeded) == await answer(eager, PROMPTS[0], seeded)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options", "reason"),
+    [
+        (torch.float32, {}, "disabled by config ([engine] cpu_compile = false)"),
+        (torch.float64, {"cpu_compile": True}, "the projections are not oneDNN-packed (see cpu_onednn)"),
+        (torch.float32, {"cpu_compile": True, "cpu_onednn": False}, "the projections are not oneDNN-packed"),
+    ],
+)
+async def test_what_is_not_compiled_says_why(
+    tiny_model: Path, dtype: torch.dtype, options: dict[str, bool], reason: str
+) -> None:
+    engine = Engine(["cpu"], **options)
+    try:
+        model = await engine.adopt("tiny-not-compiled", "cpu", lambda: _load(tiny_model, dtype))
+        report = model.kv_stats()["cpu_compile"]
+        assert report["compiled"] is False and report["reason"].startswith(reason)
+        assert await answer(model, PROMPTS[0])  # and it serves, eagerly
+    finally:
+        engine.close()
+
+
+async def test_unload_drops_the_compiled_step_and_the_packed_weights(tiny_model: Path) -> None:
+    engine = Engine(["cpu"], cpu_compile=True)
+    try:
+        model = await engine.adopt("tiny-unload", "cpu", lambda: _load(tiny_model))
+        table = model.pack_stats.table
+        assert table is not None and table.entries
+        assert model.kv_stats()["cpu_compile"]["compiled"] is True
+        await answer(model, PROMPTS[0])
+        await engine.unload(model)
+        assert table.entries == []
+        assert not model.module_alive  # nothing the compiler keeps holds the module
+    finally:
+        engine.close()
+
+
+async def test_a_neuron_configured_to_compile_decodes_compiled(tmp_path: Path, tiny_model: Path) -> None:
+    """`[engine] cpu_compile = true` in neuron.toml, through a real neuron process and its HTTP API."""
+    toml = f"""
+model_roots = ["{tiny_model.parent}"]
+[devices]
+use = "cpu"
+cpu_memory_mb = 4096
+[engine]
+cpu_compile = true
+[[default_models]]
+model_id = "tiny"
+source = "{tiny_model}"
+"""
+    with run_neuron(tmp_path, toml) as daemon:
+        wait_model_status(daemon.url, "tiny", timeout=240)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            request = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+            async with http.post(f"{daemon.url}/v1/chat/completions", json=request) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["usage"]["completion_tokens"] >= 1
+            models = await (await http.get(f"{daemon.url}/models")).json()
+    report = next(m for m in models if m["id"] == "tiny")["kv"]["cpu_compile"]
+    assert report["compiled"] is True and report["recompiles"] == 0
+    assert "model.cpu_compile" in daemon.log_path.read_text()

@@ -87,6 +87,37 @@ async def test_sampled_and_constrained_requests_run_through_the_compiled_step(
     assert await answer(compiled, PROMPTS[0], seeded) == await answer(eager, PROMPTS[0], seeded)
 
 
+def _perturbed(directory: Path) -> tuple[torch.nn.Module, Any]:
+    """The tiny model with other norm and embedding weights: tensors the compiled graph reads as inputs."""
+    module, tokenizer = _load(directory)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "norm" in name or "embed" in name:
+                parameter.mul_(1 + torch.rand(parameter.shape, generator=generator))
+    return module, tokenizer
+
+
+async def test_a_second_model_of_the_same_shape_is_computed_with_its_own_weights(
+    tiny_model: Path, pair: tuple[LoadedModel, LoadedModel]
+) -> None:
+    """The compiled graphs are reused for another load of the architecture (nothing recompiles), and
+    read that model's weights: its answers are its eager twin's, not the first model's."""
+    first, _ = pair
+    compiled_engine, eager_engine = Engine(["cpu"], cpu_compile=True), Engine(["cpu"])
+    try:
+        compiled = await compiled_engine.adopt("tiny-other", "cpu", lambda: _perturbed(tiny_model))
+        eager = await eager_engine.adopt("tiny-other-eager", "cpu", lambda: _perturbed(tiny_model))
+        assert compiled.kv_stats()["cpu_compile"]["compiled"] is True
+        answers = [await answer(compiled, p) for p in PROMPTS[:3]]
+        assert answers == [await answer(eager, p) for p in PROMPTS[:3]]
+        assert answers != [await answer(first, p) for p in PROMPTS[:3]]
+        assert compiled.kv_stats()["cpu_compile"]["recompiles"] == 0
+    finally:
+        compiled_engine.close()
+        eager_engine.close()
+
+
 @pytest.mark.parametrize(
     ("dtype", "options", "reason"),
     [

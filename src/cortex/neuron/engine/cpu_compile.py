@@ -106,18 +106,20 @@ class CompiledDecode:
         runner = self._runner
         assert runner.kv is not None
         kv, device = runner.kv, runner.device
-        with torch.inference_mode():
-            for rows in WARM_BATCHES:
-                pad = torch.zeros(rows, dtype=torch.long, device=device)
-                context = AttentionContext(
-                    kv,
-                    pad,  # slot 0 of block 0
-                    num_decode=rows,
-                    block_tables=pad[:, None],
-                    context_lens=torch.ones(rows, dtype=torch.long, device=device),
-                    decode_length=1 if rows == 1 else None,
-                )
-                self._run(StepBatch(pad[None], pad[None], torch.arange(rows, device=device), context))
+        try:
+            with torch.inference_mode():
+                for rows in WARM_BATCHES:
+                    pad = torch.zeros(rows, dtype=torch.long, device=device)
+                    context = AttentionContext(
+                        kv,
+                        pad,  # slot 0 of block 0
+                        num_decode=rows,
+                        block_tables=pad[:, None],
+                        context_lens=torch.ones(rows, dtype=torch.long, device=device),
+                        decode_length=1 if rows == 1 else None,
+                    )
+                    self._run(StepBatch(pad[None], pad[None], torch.arange(rows, device=device), context))
+        finally:  # compiled or not, the padding block is zeros again
             kv.storage[:, :, 0].zero_()
 
 

@@ -15,7 +15,7 @@ Measures (greedy, EOS ignored so every request produces exactly N tokens):
 - `--projections` (CPU): two engines on the same weights, one packing its projections for oneDNN, one
   on `F.linear`; single stream, aggregate of S streams and identical-to-serial, alternating per round,
   with `generate()`'s single stream in each round;
-- `--compile-ab` (CPU): the same with one engine's decode steps compiled (`--cpu-compile`) and one eager;
+- `--compile-ab` (CPU): the same with one engine's steps compiled (`--cpu-compile`) and one eager;
 - `--single-only`: just the single-stream figures, `generate()` and the engine back to back per round;
 - CPU only: the same model in bfloat16 (and int8 dynamic quantisation when torch offers it): decode
   speed and how many answers change; llama.cpp (the shipped GGUF) when `llama_cpp` is importable.
@@ -66,12 +66,12 @@ def parse_args() -> argparse.Namespace:
         help="CPU: the engine on oneDNN-packed projections vs on F.linear, two engines alternating per round",
     )
     parser.add_argument(
-        "--cpu-compile", action="store_true", help="engine decode steps compiled, as `[engine] cpu_compile = true`"
+        "--cpu-compile", action="store_true", help="engine steps compiled, as `[engine] cpu_compile = true`"
     )
     parser.add_argument(
         "--compile-ab",
         action="store_true",
-        help="CPU: the engine with compiled decode steps vs eager, two engines alternating per round",
+        help="CPU: the engine with compiled steps vs eager, two engines alternating per round",
     )
     parser.add_argument(
         "--single-only", action="store_true", help="only single-stream decode, engine vs generate(), paired per round"
@@ -308,6 +308,7 @@ async def main() -> None:
         report["kv"] = model.kv_stats()
         if args.single_only:
             report.update(await single_only(model, peers, prompts[0], new_tokens, repeats))
+            report["kv"] = model.kv_stats()  # after the runs: counters (compiled decodes, recompiles) included
             report.update(date=time.strftime("%Y-%m-%d", time.gmtime()), model=description, dtype=dtype_name)
             report.update(torch_threads=torch.get_num_threads(), new_tokens=new_tokens)
             print(json.dumps(report, indent=2))
@@ -336,6 +337,7 @@ async def main() -> None:
             generate_texts = [tokenizer.decode(peers.generate(p, new_tokens)[1]) for p in prompts]
             same = sum(a.strip() == b.strip() for a, b in zip(serial_texts, generate_texts, strict=True))
             report["engine_serial_equal_generate"] = f"{same}/{count}"
+        report["kv"] = model.kv_stats()  # after the runs: counters (compiled decodes, recompiles) included
         if not gpu and not args.no_dtypes:
             report["cpu_dtypes"] = await dtype_experiments(engine, build, tokenizer, prompts, new_tokens, serial_texts)
     finally:

@@ -55,10 +55,10 @@ async def test_compiled_decode_answers_what_eager_decode_does(pair: tuple[Loaded
     report = compiled.kv_stats()["cpu_compile"]
     assert report["compiled"] is True and report["reason"] is None
     assert report["graphs"] >= 2 and report["compile_s"] > 0  # one row, and a row count that varies
-    before = report["decodes"]
+    before = report["steps"]
     for prompt in PROMPTS[:3]:
         assert await answer(compiled, prompt) == await answer(eager, prompt)
-    assert compiled.kv_stats()["cpu_compile"]["decodes"] >= before + 3 * (GREEDY.max_new_tokens - 1)
+    assert compiled.kv_stats()["cpu_compile"]["steps"] >= before + 3 * (GREEDY.max_new_tokens - 1)
     assert eager.kv_stats()["cpu_compile"]["compiled"] is False
 
 

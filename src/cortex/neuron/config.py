@@ -84,7 +84,7 @@ class EngineConfig(_Strict):
     # float32 models on CPU: projections on oneDNN with weights packed once at load (faster than the
     # BLAS path, and batch-invariant); false keeps torch's F.linear.
     cpu_onednn: bool = True
-    # CPU models: decode steps through torch.compile, compiled at load (a minute or more the first time,
+    # CPU models: steps through torch.compile, compiled at load (a minute or more the first time,
     # seconds once inductor's disk cache has the architecture); faster single-stream decode.
     cpu_compile: bool = False
     # Each model's paged KV pool on a GPU: this share of the memory free once its weights are loaded,

@@ -18,7 +18,7 @@ worker thread runs its own model's forwards), which every layer's call reads:
 Grouped-query attention is computed without repeating K/V: the query heads that share a K/V head are
 folded into extra query rows ("pack GQA"), which is the same arithmetic.
 
-Under `torch.compile` (compiled CPU decode, cpu_compile.py) the layer calls the same code as the
+Under `torch.compile` (compiled CPU steps, cpu_compile.py) the layer calls the same code as the
 custom op `cortex::paged_attention`, opaque to the compiler: it reads the step's context at run
 time, so one compiled graph serves every step whatever its sequences' lengths and blocks.
 """

@@ -1,32 +1,30 @@
-"""Compiled decode steps on CPU: the model's decode forward through `torch.compile` (inductor).
+"""Compiled steps on CPU: the model body through `torch.compile` (inductor), the LM head eagerly.
 
 A CPU decode step of a small model is not all projections: about a quarter of it is the model code
 between them (RMSNorm, rotary embeddings, activations, residual adds, views), dozens of tiny eager ops
 per layer at several microseconds of dispatch each. Inductor fuses those into a few generated C++
 kernels per layer. What it must not touch is kept opaque, as custom ops:
 - the paged attention (`cortex::paged_attention`, attention.py), which reads the step's context at
-  run time, so the graph does not depend on the sequences' lengths or blocks;
+  run time, so the graph does not depend on the sequences' lengths, blocks or prefill chunks;
 - the packed projections (`cortex::packed_linear`, cpu_linear.py), which multiply by the oneDNN
   weights the eager path already holds: no second copy of the weights, and the same products (so a
   compiled step's projections round exactly as the eager ones).
 
-Only decode rows run compiled: a decode-only step whole, a mixed step's decode part (the prefill
-chunks run eagerly beside it, `split_mixed`). Prefill is large matrix products, where compiling
-gains nothing. So every decode row is computed by the same graphs whatever else shares its step.
-
-Compilation happens at load, on the device worker, after the warm-up: a one-row decode (torch
-specialises size 1) and a two-row one (whose graph is dynamic in the row count and serves every
-larger batch), both on the reserved padding block. It takes a minute or more the first time for a
-30-layer model on two cores; inductor's on-disk cache makes the next load of the same architecture
-take seconds. `[engine] cpu_compile = true` turns it on (off by default: the first load's wait is the
-operator's choice). A model whose forward cannot be compiled still serves, eagerly, and says why.
+Every step runs compiled, in one pass: the decoder stack is the graph, and the LM head multiplies the
+rows that sample outside it, so the only size the graph sees vary is the step's token count. At load,
+on the device worker, after the warm-up, a one-token and a two-token step on the reserved padding
+block compile two graphs (torch specialises size 1; the second is dynamic and serves every larger
+step: decode, prefill and mixed alike). The first time this takes a minute or more for a 30-layer
+model on two cores; inductor's on-disk cache makes a later process's load take seconds, and another
+load of the same architecture in the same process reuses the graphs outright (they read the model's
+tensors as inputs). `[engine] cpu_compile = true` turns it on (off by default: the first load's wait
+is the operator's choice). A model whose forward cannot be compiled still serves, eagerly, and says why.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +32,9 @@ import torch
 
 from cortex.core.logs import log_event
 
-from .attention import AttentionContext
+from .attention import AttentionContext, set_context
 from .cpu_linear import PackedTable, packed_weights
-from .runner import ModelRunner, StepBatch, split_mixed
+from .runner import ModelRunner, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,8 @@ class CompileStats:
 
     compiled: bool = False
     compile_s: float = 0.0
-    graphs: int = 0  # graphs the compiler produced at load (a later recompile shows in `recompiles`)
-    decodes: int = 0  # steps whose decode rows ran compiled
+    graphs: int = 0  # graphs the compiler produced at load (0 when another load's graphs were reused)
+    steps: int = 0  # steps run compiled
     recompiles: int = 0  # graphs compiled after load (a shape the warm-up did not cover)
     reason: str | None = None  # why decode steps run eagerly, when they do
 
@@ -59,53 +57,56 @@ class CompileStats:
             "compiled": self.compiled,
             "compile_s": round(self.compile_s, 2),
             "graphs": self.graphs,
-            "decodes": self.decodes,
+            "steps": self.steps,
             "recompiles": self.recompiles,
             "reason": self.reason,
         }
 
 
-class CompiledDecode:
-    """The runner's module compiled once, run for the decode rows of every step."""
+class CompiledForward:
+    """The runner's model body (its decoder stack) compiled once, run for every step; the LM head eagerly.
+
+    The head multiplies only the rows that sample (`keep`), one packed product, outside the graph: so
+    the graph's only varying size is the step's token count, and one dynamic graph (plus the one-token
+    graph torch specialises) serves decode, prefill and mixed steps alike, in one pass each.
+    """
 
     def __init__(self, runner: ModelRunner, table: PackedTable, stats: CompileStats) -> None:
         assert runner.module is not None
-        self._runner = runner
         self._table = table
-        self._model = torch.compile(runner.module, dynamic=None, fullgraph=True)
+        self._placeholder_mask = runner.placeholder_mask
+        self._body = torch.compile(runner.module.get_decoder(), dynamic=None, fullgraph=True)
+        self._head = runner.module.get_output_embeddings()
+        self._kv = runner.kv
+        self._device = runner.device
         self.stats = stats
 
-    def forward(self, batch: StepBatch, eager: Callable[[StepBatch], torch.Tensor]) -> torch.Tensor:
-        """Logits of the step's kept rows: its decode rows compiled, any prefill chunks by `eager`."""
-        context = batch.context
-        if not context.num_decode:
-            return eager(batch)
-        if not context.prefills:
-            return self._decode(batch)
-        parts = split_mixed(batch)
-        if parts is None:
-            return eager(batch)
-        decode, prefill, sampling = parts
-        logits = self._decode(decode)
-        chunk_logits = eager(prefill)
-        return torch.cat([logits, chunk_logits]) if sampling else logits
-
-    def _decode(self, batch: StepBatch) -> torch.Tensor:
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits of the step's kept rows, [K, vocab]."""
         graphs = _graph_count()
         logits = self._run(batch)
-        self.stats.decodes += 1
+        self.stats.steps += 1
         self.stats.recompiles += _graph_count() - graphs
         return logits
 
     def _run(self, batch: StepBatch) -> torch.Tensor:
-        with packed_weights(self._table):
-            return self._runner.call(self._model, batch)
+        set_context(batch.context)
+        try:
+            with packed_weights(self._table):
+                hidden = self._body(
+                    input_ids=batch.input_ids,
+                    position_ids=batch.positions,
+                    attention_mask=self._placeholder_mask,
+                    use_cache=False,
+                ).last_hidden_state
+        finally:
+            set_context(None)
+        return self._head(hidden[0].index_select(0, batch.keep))
 
     def warm_up(self) -> None:
-        """Compile: decode steps of 1 and 2 rows on the padding block (zeroed again afterwards)."""
-        runner = self._runner
-        assert runner.kv is not None
-        kv, device = runner.kv, runner.device
+        """Compile: steps of 1 and 2 decode rows on the padding block (zeroed again afterwards)."""
+        kv, device = self._kv, self._device
+        assert kv is not None
         try:
             with torch.inference_mode():
                 for rows in WARM_BATCHES:
@@ -132,9 +133,9 @@ def _graph_count() -> int:
 def compile_cpu_decode(
     runner: ModelRunner, table: PackedTable | None, *, enabled: bool, model_id: str = "-"
 ) -> CompileStats:
-    """At load, on the device worker, after warm-up: compile the runner's decode steps (CPU only).
+    """At load, on the device worker, after warm-up: compile the runner's steps (CPU only).
 
-    Returns what happened; decode stays eager (stats.reason says why) when disabled, on a GPU, for a
+    Returns what happened; steps stay eager (stats.reason says why) when disabled, on a GPU, for a
     model whose projections are not packed, or if compiling fails.
     """
     if not enabled:
@@ -146,10 +147,10 @@ def compile_cpu_decode(
     stats = CompileStats()
     started, before = time.perf_counter(), _graph_count()
     try:
-        compiled = CompiledDecode(runner, table, stats)
+        compiled = CompiledForward(runner, table, stats)
         compiled.warm_up()
     except Exception as exc:  # a model the compiler cannot take still serves, eagerly
-        log.warning("compiling the decode step failed; decoding eagerly", exc_info=exc)
+        log.warning("compiling the model failed; its steps run eagerly", exc_info=exc)
         reason = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         log_event(log, "model.cpu_compile.failed", logging.WARNING, model=model_id, reason=reason)
         return CompileStats(reason=reason)

@@ -15,7 +15,7 @@ one product for all of them and the others take their slice of it (`SharedProduc
 code runs unchanged. Fewer, wider products stream the weights faster: on the same host the
 projections ran 1.06x faster at one token and 1.2x at eight than packed one by one.
 
-Under `torch.compile` (compiled CPU decode, cpu_compile.py) a packed product is the custom op
+Under `torch.compile` (compiled CPU steps, cpu_compile.py) a packed product is the custom op
 `cortex::packed_linear`, opaque to the compiler: the graph names the weight by its index in the
 model's `PackedTable`, which the compiled step makes current (`packed_weights`), so the packed
 copies are shared with the eager path and never duplicated, and the graph is the same for every

@@ -61,7 +61,7 @@ class Engine:
         self._kv_budget = kv_budget or KVBudget()
         self._cuda_graphs = cuda_graphs  # decode from captured CUDA graphs on CUDA devices (cuda_graphs.py)
         self._cpu_onednn = cpu_onednn  # float32 CPU projections on oneDNN-packed weights (cpu_linear.py)
-        self._cpu_compile = cpu_compile  # CPU decode steps through torch.compile (cpu_compile.py)
+        self._cpu_compile = cpu_compile  # CPU steps through torch.compile (cpu_compile.py)
 
     @property
     def devices(self) -> list[str]:
@@ -186,7 +186,7 @@ class Engine:
             report(0.95, "warming up")
             model._warm_up()
             if self._cpu_compile and not is_cuda(worker.device):
-                report(0.96, "compiling the decode step")
+                report(0.96, "compiling the model")
             model._compile(self._cpu_compile)
             if is_cuda(worker.device):
                 report(0.97, "capturing CUDA graphs")

@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,7 +25,7 @@ from .cpu_linear import release_packed
 from .types import DeviceFault, LoadError
 
 if TYPE_CHECKING:
-    from .cpu_compile import CompiledDecode
+    from .cpu_compile import CompiledForward
     from .cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -85,11 +84,11 @@ class ModelRunner:
         register()
         module.set_attn_implementation(ATTENTION_NAME)
         self.vocab_size = int(module.get_output_embeddings().weight.shape[0])
-        self._placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self.placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._pending_faults = 0
         self._fault_lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only; cuda_graphs.py)
-        self.compiled: CompiledDecode | None = None  # compiled decode steps (CPU only; cpu_compile.py)
+        self.compiled: CompiledForward | None = None  # compiled steps (CPU only; cpu_compile.py)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits of the kept rows, [K, vocab] (still on the device)."""
@@ -103,22 +102,18 @@ class ModelRunner:
                 logits = self.graphs.replay(batch)  # a decode-only step a captured graph covers
             if logits is not None:
                 return logits
-        elif self.compiled is not None:  # decode rows through the compiled model, prefill chunks eagerly
-            return self.compiled.forward(batch, self._eager)
+        elif self.compiled is not None:  # every step through the compiled model body (CPU)
+            return self.compiled.forward(batch)
         return self._eager(batch)
 
     def _eager(self, batch: StepBatch) -> torch.Tensor:
         assert self.module is not None
-        return self.call(self.module, batch)
-
-    def call(self, model: Callable[..., Any], batch: StepBatch) -> torch.Tensor:
-        """`model` (the module, or its compiled form) on one step's batch, with the step's attention context set."""
         set_context(batch.context)
         try:
-            output = model(
+            output = self.module(
                 input_ids=batch.input_ids,
                 position_ids=batch.positions,
-                attention_mask=self._placeholder_mask,
+                attention_mask=self.placeholder_mask,
                 use_cache=False,
                 logits_to_keep=batch.keep,
             )
@@ -182,15 +177,14 @@ def split_mixed(batch: StepBatch) -> tuple[StepBatch, StepBatch, int] | None:
     """A step with decode rows AND prefill chunks as (decode rows, prefill chunks, chunks that sample).
 
     The decode rows come first in the packed batch and in `keep` (the scheduler's layout), so the step's
-    logits are [the decode part's logits; the sampling chunks' logits]. A part that runs from a graph
-    (CUDA) or a compiled model (CPU) then computes its rows exactly as in a decode-only step. None when
-    the step is not mixed.
+    logits are [the decode part's logits; the sampling chunks' logits]. The decode part, replayed from a
+    CUDA graph, computes its rows exactly as in a decode-only step. None when the step is not mixed.
     """
     context = batch.context
     n = context.num_decode
     if not n or not context.prefills or batch.keep.shape[0] < n:
         return None
-    # [1, n] views with the strides of a batch of their own (a compiled model guards on strides)
+    # [1, n] views with the strides of a batch of their own
     decode = StepBatch(
         batch.input_ids[0, :n][None],
         batch.positions[0, :n][None],

@@ -154,19 +154,12 @@ async def test_unload_drops_the_compiled_step_and_the_packed_weights(tiny_model:
         engine.close()
 
 
-@pytest.mark.parametrize("compiler", ["present", "missing"])
-async def test_a_neuron_configured_to_compile_serves_compiled_or_says_why_not(
-    tmp_path: Path, tiny_model: Path, compiler: str
-) -> None:
-    """`[engine] cpu_compile = true` in neuron.toml, through a real neuron process and its HTTP API. On a
-    host without a C++ compiler (inductor needs one; its cache empty here) the model still loads and
-    answers, eagerly, and /models and the log say why."""
+async def test_a_neuron_that_cannot_compile_serves_eagerly_and_says_why(tmp_path: Path, tiny_model: Path) -> None:
+    """`[engine] cpu_compile = true` in neuron.toml, through a real neuron process and its HTTP API, on a
+    host without a C++ compiler (inductor needs one; its cache is empty here): the model still loads
+    and answers, eagerly, and /models and the log say why. (Compiled serving: the tests above.)"""
     toml = cpu_neuron_toml(tiny_model) + "[engine]\ncpu_compile = true\n"
-    env = (
-        {}
-        if compiler == "present"
-        else {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    )
+    env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     with run_neuron(tmp_path, toml, env=env) as daemon:
         wait_model_status(daemon.url, "tiny", timeout=240)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
@@ -177,9 +170,5 @@ async def test_a_neuron_configured_to_compile_serves_compiled_or_says_why_not(
             models = await (await http.get(f"{daemon.url}/models")).json()
         log = daemon.log_path.read_text()
     report = next(m for m in models if m["id"] == "tiny")["kv"]["cpu_compile"]
-    if compiler == "present":
-        assert report["compiled"] is True and report["recompiles"] == 0
-        assert "event=model.cpu_compile " in log
-    else:
-        assert report["compiled"] is False and report["reason"].startswith("compile failed:")
-        assert "event=model.cpu_compile.failed" in log
+    assert report["compiled"] is False and report["reason"].startswith("compile failed:")
+    assert "event=model.cpu_compile.failed" in log

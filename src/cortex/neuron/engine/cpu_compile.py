@@ -50,7 +50,7 @@ class CompileStats:
     graphs: int = 0  # graphs the compiler produced at load (0 when another load's graphs were reused)
     steps: int = 0  # steps run compiled
     recompiles: int = 0  # graphs compiled after load (a shape the warm-up did not cover)
-    reason: str | None = None  # why decode steps run eagerly, when they do
+    reason: str | None = None  # why steps run eagerly, when they do
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -79,14 +79,15 @@ class CompiledForward:
         self._head = runner.module.get_output_embeddings()
         self._kv = runner.kv
         self._device = runner.device
+        self._dynamo_stats = _dynamo_stats()  # the compiler's counters, read before and after each step
         self.stats = stats
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits of the step's kept rows, [K, vocab]."""
-        graphs = _graph_count()
+        graphs = self._dynamo_stats["unique_graphs"]
         logits = self._run(batch)
         self.stats.steps += 1
-        self.stats.recompiles += _graph_count() - graphs
+        self.stats.recompiles += self._dynamo_stats["unique_graphs"] - graphs
         return logits
 
     def _run(self, batch: StepBatch) -> torch.Tensor:
@@ -124,13 +125,13 @@ class CompiledForward:
             kv.storage[:, :, 0].zero_()
 
 
-def _graph_count() -> int:
-    from torch._dynamo.utils import counters
+def _dynamo_stats() -> Any:
+    from torch._dynamo.utils import counters  # torch._dynamo only loads when compiling is on
 
-    return int(counters["stats"]["unique_graphs"])
+    return counters["stats"]
 
 
-def compile_cpu_decode(
+def compile_cpu_steps(
     runner: ModelRunner, table: PackedTable | None, *, enabled: bool, model_id: str = "-"
 ) -> CompileStats:
     """At load, on the device worker, after warm-up: compile the runner's steps (CPU only).
@@ -145,7 +146,7 @@ def compile_cpu_decode(
     if table is None or not table.entries:
         return CompileStats(reason="the projections are not oneDNN-packed (see cpu_onednn)")
     stats = CompileStats()
-    started, before = time.perf_counter(), _graph_count()
+    started, before = time.perf_counter(), _dynamo_stats()["unique_graphs"]
     try:
         compiled = CompiledForward(runner, table, stats)
         compiled.warm_up()
@@ -156,7 +157,7 @@ def compile_cpu_decode(
         return CompileStats(reason=reason)
     stats.compiled = True
     stats.compile_s = time.perf_counter() - started
-    stats.graphs = _graph_count() - before
+    stats.graphs = _dynamo_stats()["unique_graphs"] - before
     runner.compiled = compiled
     log_event(log, "model.cpu_compile", model=model_id, compile_s=round(stats.compile_s, 2), graphs=stats.graphs)
     return stats

@@ -204,18 +204,18 @@ def pack_linears(module: torch.nn.Module, device: torch.device, enabled: bool = 
         log.info("oneDNN packing unavailable, projections stay on F.linear: %s", reason)
         return PackStats(reason=reason)
     shared = _shared_storages(module)
-    stats = PackStats(table=PackedTable())
-    assert stats.table is not None
+    table = PackedTable()
+    stats = PackStats(table=table)
     with torch.no_grad():
         for parent_name, group in _sibling_groups(module, shared):
-            _fuse(module, parent_name, group, stats.table)
+            _fuse(module, parent_name, group, table)
             stats.packed += len(group)
             stats.fused += 1
         linears = [(name, m) for name, m in module.named_modules() if type(m) is torch.nn.Linear]
         for name, linear in linears:
             keep = linear.weight.untyped_storage().data_ptr() in shared
             packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-            _replace(module, name, PackedLinear(linear, packed, keep, stats.table))
+            _replace(module, name, PackedLinear(linear, packed, keep, table))
             stats.packed += 1
             stats.extra_bytes += linear.weight.numel() * linear.weight.element_size() if keep else 0
     return stats

@@ -28,6 +28,7 @@ the same forward eagerly over the same buffers (`EagerReplay`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from cortex.core.logs import log_event
 
 from .attention import AttentionContext
 from .graph_backends import CudaGraphBackend, GraphBackend
-from .runner import ModelRunner, StepBatch, split_mixed
+from .runner import ModelRunner, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +208,35 @@ class DecodeGraphs:
         logits are [decode rows' logits; the sampling chunks' logits]. None: no graph covers the decode
         part (the caller runs the whole step eagerly).
         """
-        parts = None if self._inside else split_mixed(batch)
-        if parts is None:
+        context = batch.context
+        n = context.num_decode
+        if self._inside or not n or not context.prefills or batch.keep.shape[0] < n:
             return None
-        decode, prefill, sampling = parts
+        decode = StepBatch(
+            batch.input_ids[:, :n],
+            batch.positions[:, :n],
+            batch.keep[:n],
+            AttentionContext(
+                context.kv,
+                context.slot_mapping[:n],
+                num_decode=n,
+                block_tables=context.block_tables,
+                context_lens=context.context_lens,
+            ),
+        )
         logits = self.replay(decode)
         if logits is None:
             return None
         self.stats.mixed_replays += 1
+        tokens = batch.input_ids.shape[1]
+        sampling = batch.keep.shape[0] - n  # chunks that end their prompt and sample
+        chunks = [dataclasses.replace(chunk, q_start=chunk.q_start - n) for chunk in context.prefills]
+        prefill = StepBatch(
+            batch.input_ids[:, n:],
+            batch.positions[:, n:],
+            batch.keep[n:] - n if sampling else batch.keep.new_full((1,), tokens - n - 1),
+            AttentionContext(context.kv, context.slot_mapping[n:], prefills=chunks),
+        )
         chunk_logits = eager(prefill)
         return torch.cat([logits, chunk_logits]) if sampling else logits
 

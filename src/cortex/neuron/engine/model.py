@@ -20,7 +20,7 @@ import torch
 from .attention import KVPool
 from .blocks import BlockManager
 from .chat import ChatRenderer
-from .cpu_compile import CompileStats, compile_cpu_decode
+from .cpu_compile import CompileStats, compile_cpu_steps
 from .cpu_linear import PackStats, pack_linears
 from .cuda_graphs import GraphStats, capture_decode_graphs
 from .loader import LoadedWeights
@@ -214,10 +214,10 @@ class LoadedModel:
             self.pack_stats = pack_linears(runner.module, runner.device, enabled)
 
     def _compile(self, enabled: bool) -> None:
-        """Worker thread, after warm-up: compile the decode step (CPU only; cpu_compile.py)."""
+        """Worker thread, after warm-up: compile the model's steps (CPU only; cpu_compile.py)."""
         runner = self._scheduler.runner
         if runner is not None:
-            self.compile_stats = compile_cpu_decode(
+            self.compile_stats = compile_cpu_steps(
                 runner, self.pack_stats.table, enabled=enabled, model_id=self.info.model_id
             )
 

@@ -12,7 +12,6 @@ A 4-D placeholder `attention_mask` makes transformers' mask builders return it u
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -171,43 +170,6 @@ class ModelRunner:
             if self._pending_faults > 0:
                 self._pending_faults -= 1
                 raise DeviceFault("injected device fault (test hook)")
-
-
-def split_mixed(batch: StepBatch) -> tuple[StepBatch, StepBatch, int] | None:
-    """A step with decode rows AND prefill chunks as (decode rows, prefill chunks, chunks that sample).
-
-    The decode rows come first in the packed batch and in `keep` (the scheduler's layout), so the step's
-    logits are [the decode part's logits; the sampling chunks' logits]. The decode part, replayed from a
-    CUDA graph, computes its rows exactly as in a decode-only step. None when the step is not mixed.
-    """
-    context = batch.context
-    n = context.num_decode
-    if not n or not context.prefills or batch.keep.shape[0] < n:
-        return None
-    # [1, n] views with the strides of a batch of their own
-    decode = StepBatch(
-        batch.input_ids[0, :n][None],
-        batch.positions[0, :n][None],
-        batch.keep[:n],
-        AttentionContext(
-            context.kv,
-            context.slot_mapping[:n],
-            num_decode=n,
-            block_tables=context.block_tables,
-            context_lens=context.context_lens,
-            decode_length=context.decode_length,
-        ),
-    )
-    tokens = batch.input_ids.shape[1]
-    sampling = batch.keep.shape[0] - n  # chunks that end their prompt and sample
-    chunks = [dataclasses.replace(chunk, q_start=chunk.q_start - n) for chunk in context.prefills]
-    prefill = StepBatch(
-        batch.input_ids[0, n:][None],
-        batch.positions[0, n:][None],
-        batch.keep[n:] - n if sampling else batch.keep.new_full((1,), tokens - n - 1),
-        AttentionContext(context.kv, context.slot_mapping[n:], prefills=chunks),
-    )
-    return decode, prefill, sampling
 
 
 def _whole(length: int, blocks: torch.Tensor) -> PrefillChunk:

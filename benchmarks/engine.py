@@ -16,6 +16,7 @@ Measures (greedy, EOS ignored so every request produces exactly N tokens):
   on `F.linear`; single stream, aggregate of S streams and identical-to-serial, alternating per round,
   with `generate()`'s single stream in each round;
 - `--compile-ab` (CPU): the same with one engine's steps compiled (`--cpu-compile`) and one eager;
+- `--cuda-compile` (CUDA): the decoder layers compiled before the decode graphs are captured;
 - `--single-only`: just the single-stream figures, `generate()` and the engine back to back per round;
 - CPU only: the same model in bfloat16 (and int8 dynamic quantisation when torch offers it): decode
   speed and how many answers change; llama.cpp (the shipped GGUF) when `llama_cpp` is importable.
@@ -67,6 +68,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu-compile", action="store_true", help="engine steps compiled, as `[engine] cpu_compile = true`"
+    )
+    parser.add_argument(
+        "--cuda-compile",
+        action="store_true",
+        help="CUDA: decoder layers compiled before graph capture, as `[engine] cuda_compile = true`",
     )
     parser.add_argument(
         "--compile-ab",
@@ -298,7 +304,9 @@ async def main() -> None:
     peers = Peers(module if gpu else build(), device)
     peers.generate(prompts[0], 2)  # warm-up, as the engine's load does for itself
 
-    engine = Engine([device], cpu_onednn=not args.no_onednn, cpu_compile=args.cpu_compile)
+    engine = Engine(
+        [device], cpu_onednn=not args.no_onednn, cpu_compile=args.cpu_compile, cuda_compile=args.cuda_compile
+    )
     rounds: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     try:
@@ -446,7 +454,7 @@ async def side_by_side(
             )
         return {
             "load_s": load_s,
-            "kv": {name: {k: m.kv_stats()[k] for k in ("cpu_onednn", "cpu_compile")} for name, m in models.items()},
+            "kv": {name: {k: m.kv_stats()[k] for k in ("cpu_onednn", "compile")} for name, m in models.items()},
             "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
             "figures": {key: median(rounds, key) for key in keys},
             "identical_to_serial": {

@@ -37,6 +37,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shape", choices=list(QWEN3_SHAPES), default="qwen3-0.6b")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decoder layers through torch.compile before capture ([engine] cuda_compile)",
+    )
     parser.add_argument("--new-tokens", type=int, default=None, help="per request (default 256 CUDA, 16 CPU)")
     parser.add_argument("--streams", default=None, help="concurrent streams (default 8,32 CUDA, 4 CPU)")
     parser.add_argument("--arrival-s", type=float, default=0.5, help="spread of the random arrivals")
@@ -132,10 +137,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "dtype": dtype_name,
         "cuda_graphs": not args.eager,
+        "cuda_compile": args.compile,
         "new_tokens": new_tokens,
         "prompt_tokens_median": statistics.median(len(p) for p in prompt_ids),
     }
-    engine = Engine([device], cuda_graphs=not args.eager)
+    engine = Engine([device], cuda_graphs=not args.eager, cuda_compile=args.compile, cpu_compile=args.compile)
     try:
         # Built on the device worker, so the engine measures the weights' memory as a load does.
         started = time.perf_counter()
@@ -145,6 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["load_s"] = round(time.perf_counter() - started, 2)  # random init + KV pool + warm-up + capture
         kv = model.kv_stats()
         result["cuda_graph_stats"] = kv.pop("cuda_graphs", None)
+        result["compile_stats"] = kv.pop("compile", None)
         result["kv"] = kv
         result["weights_mb"] = round(model.info.memory_bytes / 2**20)
         result["model_memory_mb"] = round(model.memory_bytes / 2**20)  # /models vram_used_mb: weights + KV + graphs
@@ -186,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["eager_decodes"] = after.get("eager_decodes")
         result["mixed_replays"] = after.get("mixed_replays")
         result["decode_tok_s_reported"] = round(model.tok_s_decode, 1)
+        result["compile_after_runs"] = model.kv_stats().get("compile")  # steps run compiled, recompiles
         freed = await engine.unload(model)
         result["freed_mb"] = round(freed / 2**20)
         if cuda:
@@ -198,7 +206,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    label = f"bench {args.shape} {'eager' if args.eager else 'graphs'}"
+    label = f"bench {args.shape} {'eager' if args.eager else 'graphs'}{'+compile' if args.compile else ''}"
     started = time.perf_counter()
     try:
         result = asyncio.run(run(args))

@@ -8,7 +8,8 @@
 # the measurements that matter most first, so a short budget still gets them:
 #   engine      a tiny model loaded through Engine on the device: measured memory, 8 concurrent greedy
 #               requests, unload and the CUDA allocator back to its baseline; a bad ordinal fails fast
-#   bench       benchmarks/gpu/bench.py with CUDA graphs: qwen3-8b, then qwen3-0.6b
+#   bench       benchmarks/gpu/bench.py with CUDA graphs, then with the layers compiled before capture
+#               ([engine] cuda_compile): qwen3-8b, then qwen3-0.6b
 #   versions    python/torch/transformers/CUDA/GPU, nvidia-smi
 #   discovery   NVML discovery matched to torch's CUDA devices by UUID; again under CUDA_VISIBLE_DEVICES=<uuid>
 #   serve       a real `neuron serve` on the device with the tiny model, one HTTP chat request
@@ -34,11 +35,11 @@ done
 OUT=${OUT:-/tmp/cortex-gpu-out}
 mkdir -p "$OUT"
 export OUT
-# The GPU run has ~420 s; the CPU dry run is slower (random init of a 152k-vocabulary model on a shared
+# The GPU run has ~540 s; the CPU dry run is slower (random init of a 152k-vocabulary model on a shared
 # CPU), so its budget and every stage's limit are doubled.
 SCALE=1
 [ "$DEVICE" = cpu ] && SCALE=2
-BUDGET_S=${GPU_CHECK_BUDGET_S:-$((420 * SCALE))}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$((540 * SCALE))}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 HERE=benchmarks/gpu
@@ -91,6 +92,7 @@ EAGER=("${SMALL[@]}")
 stage engine 90 $PY $HERE/check.py engine --device "$DEVICE"
 for shape in "${SHAPES[@]}"; do
     stage "bench $shape graphs" 150 $PY $HERE/bench.py --device "$DEVICE" --shape "$shape" "${SMALL[@]}"
+    stage "bench $shape graphs+compile" 180 $PY $HERE/bench.py --device "$DEVICE" --shape "$shape" --compile "${SMALL[@]}"
 done
 stage versions 40 bash -c "nvidia-smi >'$OUT/nvidia-smi.txt' 2>&1; nvidia-smi -L; $PY $HERE/check.py versions"
 stage discovery 40 $PY $HERE/check.py discovery

@@ -78,19 +78,23 @@ def main() -> None:
                     "freed_mb",
                     "cuda_allocated_after_unload_mb",
                     "single_step_profile",
+                    "compile_after_runs",
                 )
             }
             graphs = row.get("cuda_graph_stats") or {}
             bench[name]["capture"] = {k: graphs.get(k) for k in ("enabled", "capture_s", "graphs", "memory_mb")}
     summary["bench"] = bench
     for shape in ("qwen3-8b", "qwen3-0.6b"):
-        eager, graphs = stages.get(f"bench {shape} eager", {}), stages.get(f"bench {shape} graphs", {})
-        if eager.get("greedy") and graphs.get("greedy"):
-            same = sum(a == b for a, b in zip(eager["greedy"], graphs["greedy"], strict=False))
-            summary[f"{shape} greedy identical eager vs graphs"] = f"{same}/{len(graphs['greedy'])}"
+        graphs = stages.get(f"bench {shape} graphs", {})
+        for other in ("eager", "graphs+compile"):
+            row = stages.get(f"bench {shape} {other}", {})
+            if row.get("greedy") and graphs.get("greedy"):
+                same = sum(a == b for a, b in zip(row["greedy"], graphs["greedy"], strict=False))
+                summary[f"{shape} greedy identical {other} vs graphs"] = f"{same}/{len(graphs['greedy'])}"
     summary["targets"] = {
-        target: (check(stages[stage]) if stages.get(stage, {}).get("ok") else None)
+        f"{target} ({variant})": (check(stages[name]) if stages.get(name, {}).get("ok") else None)
         for target, (stage, check) in TARGETS.items()
+        for variant, name in (("graphs", stage), ("graphs+compile", f"{stage}+compile"))
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -14,6 +14,7 @@ import torch
 
 from cortex.neuron.engine import Engine, LoadSpec, ModelSource
 from cortex.neuron.engine.attention import AttentionContext, KVPool, PrefillChunk
+from cortex.neuron.engine.compile import compile_cuda_layers
 from cortex.neuron.engine.cuda_graphs import (
     DecodeGraphs,
     attention_bytes,
@@ -300,6 +301,31 @@ def test_a_mixed_step_runs_its_decoders_from_the_graph_and_equals_the_eager_step
     assert mixed.shape == eager.shape == (3 if sampling else 2, 97)
     torch.testing.assert_close(mixed, eager, rtol=0, atol=1e-12)
     torch.testing.assert_close(kv.storage[:, :, 1:], eager_kv[:, :, 1:], rtol=0, atol=1e-12)
+
+
+def test_layers_compiled_before_capture_share_one_graph_and_replay_the_eager_step(
+    prefilled: tuple[ModelRunner, KVPool],
+) -> None:
+    """`[engine] cuda_compile`: every layer compiled in place, one graph for all (the layer index is a
+    buffer, not an int to specialise on), compiled before capture so nothing compiles while recording."""
+    runner, kv = prefilled
+    before = kv.storage.clone()
+    with torch.inference_mode():
+        eager = runner.forward(decode_batch([0, 1, 2], [17, 23, 29])).clone()
+    kv.storage.copy_(before)
+    stats = compile_cuda_layers(runner, enabled=True)
+    assert (stats.compiled, stats.scope, stats.reason) == (True, "layers", None)
+    assert stats.graphs == 2  # a one-token step and a dynamic one, for both layers
+    graphs = DecodeGraphs(runner, max_batch=4, max_blocks=8, backend=EagerReplay())
+    graphs.capture()
+    runner.graphs = graphs
+    with torch.inference_mode():
+        replayed = runner.forward(decode_batch([0, 1, 2], [17, 23, 29]))
+    assert graphs.stats.replays == 1
+    # float32-close, not float64-equal: the model's RMSNorm rounds through float32, which fusion may skip
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-6)
+    assert stats.steps >= graphs.stats.graphs and stats.recompiles == 0  # every captured step ran compiled
+    assert compile_cuda_layers(runner, enabled=False).reason == "disabled by config ([engine] cuda_compile = false)"
 
 
 class _FakeGraph:

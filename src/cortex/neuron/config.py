@@ -87,6 +87,9 @@ class EngineConfig(_Strict):
     # CPU models: steps through torch.compile, compiled at load (a minute or more the first time,
     # seconds once inductor's disk cache has the architecture); faster single-stream decode.
     cpu_compile: bool = False
+    # CUDA models: each decoder layer through torch.compile (one graph for all of them) before the decode
+    # graphs are captured, so a replay runs fused kernels; adds the compile to the load.
+    cuda_compile: bool = False
     # Each model's paged KV pool on a GPU: this share of the memory free once its weights are loaded,
     # at most kv_memory_max_mb (co-resident models must still fit; /models reports the pool's bytes).
     kv_memory_fraction: float = Field(default=0.5, gt=0, le=0.95)

@@ -47,6 +47,7 @@ async def serve(config: NeuronConfig) -> None:
         cuda_graphs=config.engine.cuda_graphs,
         cpu_onednn=config.engine.cpu_onednn,
         cpu_compile=config.engine.cpu_compile,
+        cuda_compile=config.engine.cuda_compile,
     )
     state = NeuronState(config, hardware, engine)
     version_info()  # imports torch now, not inside the first /version request

@@ -18,9 +18,11 @@ worker thread runs its own model's forwards), which every layer's call reads:
 Grouped-query attention is computed without repeating K/V: the query heads that share a K/V head are
 folded into extra query rows ("pack GQA"), which is the same arithmetic.
 
-Under `torch.compile` (compiled CPU steps, cpu_compile.py) the layer calls the same code as the
+Under `torch.compile` (compiled steps, compile.py) the layer calls the same code as the
 custom op `cortex::paged_attention`, opaque to the compiler: it reads the step's context at run
-time, so one compiled graph serves every step whatever its sequences' lengths and blocks.
+time, so one compiled graph serves every step whatever its sequences' lengths and blocks. It names
+the layer's KV by the 0-d buffer `cortex_layer` (`index_layers`), a graph input, so one graph also
+serves every layer.
 """
 
 from __future__ import annotations
@@ -165,19 +167,20 @@ def paged_attention(
     """query [1, H, T, D], key/value [1, Hkv, T, D] → ([1, T, H, D], None), as transformers expects."""
     if torch.compiler.is_compiling():  # traced: one opaque op per layer, run with the step's context
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return torch.ops.cortex.paged_attention(query, key, value, module.layer_idx, scale), None
+        return torch.ops.cortex.paged_attention(query, key, value, module.cortex_layer, scale), None
     return _attend(query, key, value, module.layer_idx, scaling), None
 
 
 @torch.library.custom_op("cortex::paged_attention", mutates_args=())
 def _paged_attention_op(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    return _attend(query, key, value, layer, scaling).contiguous()  # the compiler plans with the fake's strides
+    # the compiler plans with the fake's strides
+    return _attend(query, key, value, int(layer), scaling).contiguous()
 
 
 @_paged_attention_op.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor, scaling: float) -> torch.Tensor:
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
@@ -242,6 +245,18 @@ def prefix_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """[q_len, kv_len] bool: query i (at position kv_len - q_len + i) sees keys up to its own position."""
     start = kv_len - q_len
     return torch.arange(kv_len, device=device)[None, :] <= (start + torch.arange(q_len, device=device))[:, None]
+
+
+def index_layers(module: torch.nn.Module) -> None:
+    """Give every attention layer its index as a (CPU, 0-d) buffer, `cortex_layer`, for the compiled path.
+
+    Compiled, a layer names its KV by this tensor rather than by the int `layer_idx`: the compiler
+    would specialise a graph on each int, where a tensor is an input, so one graph serves every layer.
+    """
+    for child in module.modules():
+        index = getattr(child, "layer_idx", None)
+        if isinstance(index, int) and "cortex_layer" not in child._buffers:
+            child.register_buffer("cortex_layer", torch.tensor(index, dtype=torch.long, device="cpu"), persistent=False)
 
 
 _registered = False

@@ -15,10 +15,10 @@ one product for all of them and the others take their slice of it (`SharedProduc
 code runs unchanged. Fewer, wider products stream the weights faster: on the same host the
 projections ran 1.06x faster at one token and 1.2x at eight than packed one by one.
 
-Under `torch.compile` (compiled CPU steps, cpu_compile.py) a packed product is the custom op
-`cortex::packed_linear`, opaque to the compiler: the graph names the weight by its index in the
-model's `PackedTable`, which the compiled step makes current (`packed_weights`), so the packed
-copies are shared with the eager path and never duplicated, and the graph is the same for every
+Under `torch.compile` (compiled CPU steps, compile.py) a packed product is the custom op
+`cortex::packed_linear`, opaque to the compiler: the graph names the weight by its handle, a 0-d
+buffer of the module (a graph input) registered in a process-wide table, so the packed copies are
+shared with the eager path and never duplicated, and the graph is the same for every layer and every
 load of the same architecture (the compiler's on-disk cache serves a reload).
 
 Only float32 models on CPU are packed (the GPU runs cuBLAS; bf16 packing needs AVX-512 or AVX-NE).
@@ -29,10 +29,9 @@ torch, a build without oneDNN, a result that differs) leaves the model on `F.lin
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,49 +60,54 @@ class PackStats:
 
 
 class PackedTable:
-    """A model's packed weights (and biases) by index: what `cortex::packed_linear` multiplies by."""
+    """A model's packed weights (and biases), each registered under a process-wide handle: what
+    `cortex::packed_linear` multiplies by. Handles are unique in the process, so a compiled step needs
+    no notion of which model it runs: the handle (a module buffer, a graph input) says it all."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.handles: list[int] = []
 
-    def add(self, packed: torch.Tensor, bias: torch.Tensor | None) -> int:
-        self.entries.append((packed, bias))
-        return len(self.entries) - 1
+    def add(self, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Register a packed weight; its handle as a 0-d tensor, a buffer of the modules that multiply by it
+        (a compiled graph takes tensors as inputs, where it would specialise on an int)."""
+        with _lock:
+            handle = next(_handles)
+            _weights[handle] = (packed, bias)
+        self.handles.append(handle)
+        return torch.tensor(handle, dtype=torch.long, device="cpu")
+
+    @property
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [_weights[h] for h in self.handles if h in _weights]
 
     def release(self) -> None:
-        self.entries = []
+        with _lock:
+            for handle in self.handles:
+                _weights.pop(handle, None)
+        self.handles = []
 
 
-_current = threading.local()  # each device worker runs its own models' steps
-
-
-@contextmanager
-def packed_weights(table: PackedTable) -> Iterator[None]:
-    """Make `table` the one compiled steps on this thread multiply by."""
-    previous = getattr(_current, "table", None)
-    _current.table = table
-    try:
-        yield
-    finally:
-        _current.table = previous
+_lock = threading.Lock()
+_handles = itertools.count()
+_weights: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # every loaded model's packed weights
 
 
 @torch.library.custom_op("cortex::packed_linear", mutates_args=())
-def _packed_linear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    table: PackedTable | None = getattr(_current, "table", None)
-    if table is None:
-        raise RuntimeError("cortex::packed_linear called outside a compiled step (no packed weights current)")
-    packed, bias = table.entries[handle]
+def _packed_linear_op(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    entry = _weights.get(int(handle))
+    if entry is None:
+        raise RuntimeError("cortex::packed_linear: the packed weight was released (its model is unloaded)")
+    packed, bias = entry
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 @_packed_linear_op.register_fake
-def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _product(
-    x: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None, handle: int, out: int
+    x: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None, handle: torch.Tensor, out: int
 ) -> torch.Tensor:
     """x @ W.T (+ bias) on a packed weight: directly when eager, through the opaque op when traced."""
     if torch.compiler.is_compiling():
@@ -126,7 +130,7 @@ class PackedLinear(torch.nn.Module):
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None  # shared (a tied head): its owner still needs it
         self.table = table
-        self.handle = table.add(packed, linear.bias)
+        self.register_buffer("handle", table.add(packed, linear.bias), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # per projection per step: nothing but the op
         return _product(x, self.packed, self.bias, self.handle, self.out_features)
@@ -181,6 +185,8 @@ class FusedPart(torch.nn.Module):
         self.weight = None
         self.shared = shared
         self.index = index
+        self.sizes = list(shared.sizes)
+        self.register_buffer("handle", shared.handle, persistent=False)  # the same tensor for every sibling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared.part(x, self.index)

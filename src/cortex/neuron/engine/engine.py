@@ -51,6 +51,7 @@ class Engine:
         cuda_graphs: bool = True,
         cpu_onednn: bool = True,
         cpu_compile: bool = False,
+        cuda_compile: bool = False,
     ) -> None:
         if not devices:
             raise ValueError("an engine needs at least one device")
@@ -61,7 +62,8 @@ class Engine:
         self._kv_budget = kv_budget or KVBudget()
         self._cuda_graphs = cuda_graphs  # decode from captured CUDA graphs on CUDA devices (cuda_graphs.py)
         self._cpu_onednn = cpu_onednn  # float32 CPU projections on oneDNN-packed weights (cpu_linear.py)
-        self._cpu_compile = cpu_compile  # CPU steps through torch.compile (cpu_compile.py)
+        self._cpu_compile = cpu_compile  # CPU steps through torch.compile (compile.py)
+        self._cuda_compile = cuda_compile  # CUDA: decoder layers compiled before graph capture (compile.py)
 
     @property
     def devices(self) -> list[str]:
@@ -185,9 +187,9 @@ class Engine:
             model._pack_linears(self._cpu_onednn)
             report(0.95, "warming up")
             model._warm_up()
-            if self._cpu_compile and not is_cuda(worker.device):
+            if self._cuda_compile if is_cuda(worker.device) else self._cpu_compile:
                 report(0.96, "compiling the model")
-            model._compile(self._cpu_compile)
+            model._compile(self._cpu_compile, self._cuda_compile)
             if is_cuda(worker.device):
                 report(0.97, "capturing CUDA graphs")
             model._capture_graphs(self._cuda_graphs, self._max_active)

@@ -20,7 +20,7 @@ import torch
 from .attention import KVPool
 from .blocks import BlockManager
 from .chat import ChatRenderer
-from .cpu_compile import CompileStats, compile_cpu_steps
+from .compile import CompileStats, compile_cpu_steps, compile_cuda_layers
 from .cpu_linear import PackStats, pack_linears
 from .cuda_graphs import GraphStats, capture_decode_graphs
 from .loader import LoadedWeights
@@ -148,7 +148,7 @@ class LoadedModel:
             "preemptions": self._scheduler.preemptions,
             "cuda_graphs": self.graph_stats.as_dict(),
             "cpu_onednn": self.pack_stats.as_dict(),
-            "cpu_compile": self.compile_stats.as_dict(),
+            "compile": self.compile_stats.as_dict(),
         }
 
     @property
@@ -213,12 +213,16 @@ class LoadedModel:
         if runner is not None and runner.module is not None:
             self.pack_stats = pack_linears(runner.module, runner.device, enabled)
 
-    def _compile(self, enabled: bool) -> None:
-        """Worker thread, after warm-up: compile the model's steps (CPU only; cpu_compile.py)."""
+    def _compile(self, cpu: bool, cuda: bool) -> None:
+        """Worker thread, after warm-up and before graph capture: compile the model's steps (compile.py)."""
         runner = self._scheduler.runner
-        if runner is not None:
+        if runner is None:
+            return
+        if runner.device.type == "cuda":
+            self.compile_stats = compile_cuda_layers(runner, enabled=cuda, model_id=self.info.model_id)
+        else:
             self.compile_stats = compile_cpu_steps(
-                runner, self.pack_stats.table, enabled=enabled, model_id=self.info.model_id
+                runner, self.pack_stats.table, enabled=cpu, model_id=self.info.model_id
             )
 
     def _capture_graphs(self, enabled: bool, max_active: int | None) -> None:

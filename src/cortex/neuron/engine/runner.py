@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import ATTENTION_NAME, AttentionContext, KVPool, PrefillChunk, register, set_context
+from .attention import ATTENTION_NAME, AttentionContext, KVPool, PrefillChunk, index_layers, register, set_context
 from .cpu_linear import release_packed
 from .types import DeviceFault, LoadError
 
 if TYPE_CHECKING:
-    from .cpu_compile import CompiledForward
+    from .compile import Compiled
     from .cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,13 @@ class ModelRunner:
         self.kv: KVPool | None = kv
         register()
         module.set_attn_implementation(ATTENTION_NAME)
+        index_layers(module)
         self.vocab_size = int(module.get_output_embeddings().weight.shape[0])
         self.placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._pending_faults = 0
         self._fault_lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only; cuda_graphs.py)
-        self.compiled: CompiledForward | None = None  # compiled steps (CPU only; cpu_compile.py)
+        self.compiled: Compiled | None = None  # compiled steps (compile.py)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits of the kept rows, [K, vocab] (still on the device)."""
@@ -96,16 +97,17 @@ class ModelRunner:
             raise DeviceFault("model was released")
         if self.graphs is not None:
             if batch.context.prefills:  # decode rows from their graph, prefill chunks eagerly beside it
-                logits = self.graphs.forward_mixed(batch, self._eager)
+                logits = self.graphs.forward_mixed(batch, self.run_model)
             else:
                 logits = self.graphs.replay(batch)  # a decode-only step a captured graph covers
             if logits is not None:
                 return logits
-        elif self.compiled is not None:  # every step through the compiled model body (CPU)
+        if self.compiled is not None:  # a step no graph covers (or one being captured), compiled
             return self.compiled.forward(batch)
-        return self._eager(batch)
+        return self.run_model(batch)
 
-    def _eager(self, batch: StepBatch) -> torch.Tensor:
+    def run_model(self, batch: StepBatch) -> torch.Tensor:
+        """The model's own forward over the step (its layers compiled in place, if they are)."""
         assert self.module is not None
         set_context(batch.context)
         try:

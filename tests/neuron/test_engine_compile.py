@@ -1,4 +1,4 @@
-"""Compiled CPU decode steps (cpu_compile.py): the eager answers, batch-invariant, no compile after load, reported.
+"""Compiled CPU decode steps (compile.py): the eager answers, batch-invariant, no compile after load, reported.
 
 One engine compiles the tiny model once for the whole module (compiling takes seconds even for it);
 the tests share it.
@@ -52,14 +52,14 @@ async def answer(model: LoadedModel, prompt: str, sampling: SamplingParams = GRE
 
 async def test_compiled_decode_answers_what_eager_decode_does(pair: tuple[LoadedModel, LoadedModel]) -> None:
     compiled, eager = pair
-    report = compiled.kv_stats()["cpu_compile"]
+    report = compiled.kv_stats()["compile"]
     assert report["compiled"] is True and report["reason"] is None
     assert report["graphs"] >= 2 and report["compile_s"] > 0  # one row, and a row count that varies
     before = report["steps"]
     for prompt in PROMPTS[:3]:
         assert await answer(compiled, prompt) == await answer(eager, prompt)
-    assert compiled.kv_stats()["cpu_compile"]["steps"] >= before + 3 * (GREEDY.max_new_tokens - 1)
-    assert eager.kv_stats()["cpu_compile"]["compiled"] is False
+    assert compiled.kv_stats()["compile"]["steps"] >= before + 3 * (GREEDY.max_new_tokens - 1)
+    assert eager.kv_stats()["compile"]["compiled"] is False
 
 
 async def test_concurrent_compiled_answers_equal_serial_ones_with_no_compile_after_load(
@@ -75,7 +75,7 @@ async def test_concurrent_compiled_answers_equal_serial_ones_with_no_compile_aft
 
     assert await asyncio.gather(*(answer(compiled, p) for p in PROMPTS)) == serial
     assert await asyncio.gather(*(late(i) for i in range(len(PROMPTS)))) == serial
-    assert compiled.kv_stats()["cpu_compile"]["recompiles"] == 0
+    assert compiled.kv_stats()["compile"]["recompiles"] == 0
 
 
 async def test_sampled_and_constrained_requests_run_through_the_compiled_step(
@@ -108,11 +108,11 @@ async def test_a_second_model_of_the_same_shape_is_computed_with_its_own_weights
     try:
         compiled = await compiled_engine.adopt("tiny-other", "cpu", lambda: _perturbed(tiny_model))
         eager = await eager_engine.adopt("tiny-other-eager", "cpu", lambda: _perturbed(tiny_model))
-        assert compiled.kv_stats()["cpu_compile"]["compiled"] is True
+        assert compiled.kv_stats()["compile"]["compiled"] is True
         answers = [await answer(compiled, p) for p in PROMPTS[:3]]
         assert answers == [await answer(eager, p) for p in PROMPTS[:3]]
         assert answers != [await answer(first, p) for p in PROMPTS[:3]]
-        assert compiled.kv_stats()["cpu_compile"]["recompiles"] == 0
+        assert compiled.kv_stats()["compile"]["recompiles"] == 0
     finally:
         compiled_engine.close()
         eager_engine.close()
@@ -132,7 +132,7 @@ async def test_what_is_not_compiled_says_why(
     engine = Engine(["cpu"], **options)
     try:
         model = await engine.adopt("tiny-not-compiled", "cpu", lambda: _load(tiny_model, dtype))
-        report = model.kv_stats()["cpu_compile"]
+        report = model.kv_stats()["compile"]
         assert report["compiled"] is False and report["reason"].startswith(reason)
         assert await answer(model, PROMPTS[0])  # and it serves, eagerly
     finally:
@@ -145,7 +145,7 @@ async def test_unload_drops_the_compiled_step_and_the_packed_weights(tiny_model:
         model = await engine.adopt("tiny-unload", "cpu", lambda: _load(tiny_model))
         table = model.pack_stats.table
         assert table is not None and table.entries
-        assert model.kv_stats()["cpu_compile"]["compiled"] is True
+        assert model.kv_stats()["compile"]["compiled"] is True
         await answer(model, PROMPTS[0])
         await engine.unload(model)
         assert table.entries == []
@@ -169,6 +169,6 @@ async def test_a_neuron_that_cannot_compile_serves_eagerly_and_says_why(tmp_path
                 assert (await resp.json())["usage"]["completion_tokens"] >= 1
             models = await (await http.get(f"{daemon.url}/models")).json()
         log = daemon.log_path.read_text()
-    report = next(m for m in models if m["id"] == "tiny")["kv"]["cpu_compile"]
+    report = next(m for m in models if m["id"] == "tiny")["kv"]["compile"]
     assert report["compiled"] is False and report["reason"].startswith("compile failed:")
-    assert "event=model.cpu_compile.failed" in log
+    assert "event=model.compile.failed" in log

@@ -45,7 +45,7 @@ import torch
 
 from cortex.core.logs import log_event
 
-from .attention import AttentionContext, set_context
+from .attention import AttentionContext
 from .cpu_linear import PackedTable
 from .runner import ModelRunner, StepBatch
 
@@ -136,21 +136,12 @@ class CompiledStack(Compiled):
     def __init__(self, runner: ModelRunner, stats: CompileStats) -> None:
         super().__init__(runner, stats)
         assert runner.module is not None
-        self._placeholder_mask = runner.placeholder_mask
+        self._call = runner.call
         self._body = torch.compile(runner.module.get_decoder(), dynamic=None, fullgraph=True)
         self._head = runner.module.get_output_embeddings()
 
     def _run(self, batch: StepBatch) -> torch.Tensor:
-        set_context(batch.context)
-        try:
-            hidden = self._body(
-                input_ids=batch.input_ids,
-                position_ids=batch.positions,
-                attention_mask=self._placeholder_mask,
-                use_cache=False,
-            ).last_hidden_state
-        finally:
-            set_context(None)
+        hidden = self._call(self._body, batch).last_hidden_state
         return self._head(hidden[0].index_select(0, batch.keep))
 
 

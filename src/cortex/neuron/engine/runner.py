@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -109,18 +110,21 @@ class ModelRunner:
     def run_model(self, batch: StepBatch) -> torch.Tensor:
         """The model's own forward over the step (its layers compiled in place, if they are)."""
         assert self.module is not None
+        return self.call(self.module, batch, logits_to_keep=batch.keep).logits[0]
+
+    def call(self, module: Callable[..., Any], batch: StepBatch, **extra: Any) -> Any:
+        """`module` (the model, or its compiled decoder stack) over the step's packed tokens, its context set."""
         set_context(batch.context)
         try:
-            output = self.module(
+            return module(
                 input_ids=batch.input_ids,
                 position_ids=batch.positions,
                 attention_mask=self.placeholder_mask,
                 use_cache=False,
-                logits_to_keep=batch.keep,
+                **extra,
             )
         finally:
             set_context(None)
-        return output.logits[0]
 
     def warm_up(self, token_id: int) -> None:
         """One prefill and one decode on the reserved block, so lazy initialisation is not billed to a request."""

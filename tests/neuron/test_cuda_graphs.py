@@ -194,6 +194,46 @@ async def test_a_cpu_model_reports_graphs_off_with_the_reason(tiny_model: Path) 
         engine.close()
 
 
+async def test_graphs_that_cannot_be_captured_over_compiled_layers_are_captured_over_eager_ones(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cuda_compile` has not run on a GPU yet: if capture fails over the compiled layers, the compile is
+    undone (with the reason) and the graphs captured again, since graphs are worth far more than fusion.
+    The capture itself is stubbed: there is no CUDA here."""
+    import cortex.neuron.engine.model as model_module
+    from cortex.neuron.engine.compile import CompileStats
+    from cortex.neuron.engine.cuda_graphs import GraphStats
+
+    engine = Engine(["cpu"])
+    try:
+        model = await engine.load(LoadSpec("tiny", ModelSource("local", str(tiny_model)), device="cpu"))
+        runner = model._scheduler.runner
+        assert runner is not None
+
+        class Layers:  # stands in for CompiledLayers: only its undo matters here
+            undone = 0
+
+            def undo(self) -> None:
+                Layers.undone += 1
+
+        def capture(runner: ModelRunner, **_: object) -> GraphStats:
+            if runner.compiled is not None:
+                return GraphStats(reason="capture failed: RuntimeError: operation not permitted when capturing")
+            return GraphStats(enabled=True, graphs=3)
+
+        monkeypatch.setattr(model_module, "capture_decode_graphs", capture)
+        runner.compiled = Layers()  # type: ignore[assignment]
+        model.compile_stats = CompileStats(compiled=True, scope="layers")
+        model._capture_graphs(True, None)
+        assert (Layers.undone, runner.compiled) == (1, None)
+        assert (model.graph_stats.enabled, model.graph_stats.graphs) == (True, 3)
+        report = model.kv_stats()["compile"]
+        assert report["compiled"] is False and report["scope"] == "layers"
+        assert report["reason"].startswith("undone: graphs could not be captured over it (capture failed: RuntimeError")
+    finally:
+        engine.close()
+
+
 def test_the_config_switch_reaches_the_engine(tmp_path: Path, tiny_model: Path) -> None:
     toml = (
         f'model_roots = ["{tiny_model.parent}"]\n[devices]\nuse = "cpu"\n[engine]\ncuda_graphs = false\n'

@@ -218,7 +218,8 @@ async def test_graphs_that_cannot_be_captured_over_compiled_layers_are_captured_
 
         def capture(runner: ModelRunner, **_: object) -> GraphStats:
             if runner.compiled is not None:
-                return GraphStats(reason="capture failed: RuntimeError: operation not permitted when capturing")
+                reason = "capture failed: RuntimeError: operation not permitted when capturing"
+                return GraphStats(reason=reason, failed=True)
             return GraphStats(enabled=True, graphs=3)
 
         monkeypatch.setattr(model_module, "capture_decode_graphs", capture)

@@ -255,7 +255,7 @@ def index_layers(module: torch.nn.Module) -> None:
     """
     for child in module.modules():
         index = getattr(child, "layer_idx", None)
-        if isinstance(index, int) and "cortex_layer" not in child._buffers:
+        if isinstance(index, int) and not hasattr(child, "cortex_layer"):
             child.register_buffer("cortex_layer", torch.tensor(index, dtype=torch.long, device="cpu"), persistent=False)
 
 

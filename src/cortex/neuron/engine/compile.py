@@ -35,6 +35,7 @@ A model whose forward cannot be compiled still serves, eagerly, and says why.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -67,15 +68,7 @@ class CompileStats:
     reason: str | None = None  # why steps run eagerly, when they do
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "compiled": self.compiled,
-            "scope": self.scope,
-            "compile_s": round(self.compile_s, 2),
-            "graphs": self.graphs,
-            "steps": self.steps,
-            "recompiles": self.recompiles,
-            "reason": self.reason,
-        }
+        return {**dataclasses.asdict(self), "compile_s": round(self.compile_s, 2)}
 
 
 class Compiled:

@@ -185,8 +185,6 @@ class FusedPart(torch.nn.Module):
         self.weight = None
         self.shared = shared
         self.index = index
-        self.sizes = list(shared.sizes)
-        self.register_buffer("handle", shared.handle, persistent=False)  # the same tensor for every sibling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared.part(x, self.index)

@@ -97,6 +97,7 @@ class GraphStats:
 
     enabled: bool = False
     reason: str | None = None  # why graphs are off, when they are
+    failed: bool = False  # capture was tried and failed (not reported: the reason says it)
     capture_s: float = 0.0
     graphs: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -332,7 +333,7 @@ def capture_decode_graphs(
         del graphs
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        failed = GraphStats(reason=f"capture failed: {type(exc).__name__}: {exc}")
+        failed = GraphStats(reason=f"capture failed: {type(exc).__name__}: {exc}", failed=True)
         log_event(log, "model.cuda_graphs.failed", logging.WARNING, model=model_id, reason=failed.reason)
         return failed
     torch.cuda.synchronize(device)

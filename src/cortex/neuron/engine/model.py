@@ -241,8 +241,8 @@ class LoadedModel:
             )
 
         self.graph_stats = capture()
-        failed = self.graph_stats.reason or ""
-        if failed.startswith("capture failed") and runner.compiled is not None:
+        if self.graph_stats.failed and runner.compiled is not None:
+            failed = self.graph_stats.reason or ""
             # Graphs are worth more than fusion (4-7x against eager on the H200): capture over the eager layers.
             runner.compiled.undo()
             runner.compiled = None
